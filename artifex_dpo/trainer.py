@@ -1,0 +1,328 @@
+"""``DPOTrainer``: the seed-compatible API over one pure, jit-compiled DPO step.
+
+The step is a pure function of ``(state, ref_state, batch)`` built by :func:`make_train_step`;
+the trainer splits its NNX objects into graph definitions and state once, calls the compiled
+step, and writes the new state back. The training service calls the same step function with
+explicit shardings, so there is one implementation of the DPO math.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from artifex_dpo import losses
+from artifex_dpo.dpo_config import DPOConfig
+from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
+
+Metrics = dict[str, jax.Array]
+
+
+# --------------------------------------------------------------------------------------------
+# Model forward -> per-token log-probs
+# --------------------------------------------------------------------------------------------
+
+
+def supports_chunked_logits(model: Any) -> bool:
+  """Models exposing ``hidden_states`` and ``unembedding`` get the chunked log-softmax."""
+  return callable(getattr(model, "hidden_states", None)) and callable(getattr(model, "unembedding", None))
+
+
+def accepts_segment_ids(model: Any) -> bool:
+  """Whether ``model(tokens, segment_ids=..., positions=...)`` is supported."""
+  if supports_chunked_logits(model):
+    return True
+  try:
+    params = inspect.signature(model.__call__).parameters
+  except (TypeError, ValueError):
+    return False
+  return "segment_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def token_log_probs(
+    model: Any,
+    tokens: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array | None,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token float32 log-probs and mean logits ``[B, T]`` of ``tokens`` under ``model``.
+
+  Models with ``hidden_states``/``unembedding`` never build ``[B, T, V]`` float32 logits; other
+  models are called as ``model(tokens)`` (plus ``segment_ids``/``positions`` when they accept
+  them) and must return logits ``[B, T, V]``.
+  """
+  if supports_chunked_logits(model):
+    hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions)
+    return losses.chunked_token_log_probs(hidden, model.unembedding(), tokens, chunk_size=chunk_size)
+  if accepts_segment_ids(model):
+    logits = model(tokens, segment_ids=segment_ids, positions=positions)
+  else:
+    logits = model(tokens)
+  if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
+    raise ValueError(f"the model must map tokens {tuple(tokens.shape)} to logits [B, T, V], got {tuple(logits.shape)}")
+  return losses.token_log_probs_from_logits(logits, tokens)
+
+
+def _pad_to(x: jax.Array | None, length: int) -> jax.Array | None:
+  if x is None or x.shape[1] == length:
+    return x
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+
+def concat_sides(batch: PreferenceBatch) -> GeneratedSequenceBatch:
+  """Chosen rows then rejected rows, right-padded to one length, for a single forward pass."""
+  length = max(batch.chosen.length, batch.rejected.length)
+  c, r = batch.chosen, batch.rejected
+
+  def cat(name):
+    a, b = getattr(c, name), getattr(r, name)
+    if a is None or b is None:
+      return None
+    return jnp.concatenate([_pad_to(a, length), _pad_to(b, length)], axis=0)
+
+  return GeneratedSequenceBatch(
+      sequences=cat("sequences"),
+      response_mask=cat("response_mask"),
+      segment_ids=cat("segment_ids"),
+      prompt_mask=cat("prompt_mask"),
+      reference_log_probs=cat("reference_log_probs"),
+      positions=cat("positions"),
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# The loss of one batch
+# --------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    model: Any,
+    reference_model: Any | None,
+    batch: PreferenceBatch,
+    settings: losses.LossSettings,
+    *,
+    chunk_size: int = 512,
+) -> tuple[jax.Array, Metrics]:
+  """The configured preference loss of ``batch`` and its metrics.
+
+  Chosen and rejected go through the policy in one concatenated forward. Reference log-probs come
+  from the batch when both sides carry them, else from ``reference_model`` (never
+  differentiated), else they are zero (only valid when ``settings.reference_free`` or no loss
+  needs them; the trainer refuses other cases when it is built).
+  """
+  both = concat_sides(batch)
+  n = batch.chosen.batch_size
+  logps, logit_means = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size)
+
+  if settings.reference_free:
+    ref_logps = jnp.zeros_like(logps)
+  elif both.reference_log_probs is not None:
+    ref_logps = both.reference_log_probs.astype(jnp.float32)
+  elif reference_model is not None:
+    ref_logps, _ = token_log_probs(reference_model, both.sequences, both.segment_ids, both.positions, chunk_size)
+  else:
+    ref_logps = jnp.zeros_like(logps)  # only reached when no configured loss reads the reference
+  ref_logps = jax.lax.stop_gradient(ref_logps)
+
+  mask = both.response_mask
+  policy = losses.sequence_stats(logps, mask, logit_means)
+  ref = losses.sequence_stats(ref_logps, mask)
+  split = lambda s: (jax.tree.map(lambda x: x[:n], s), jax.tree.map(lambda x: x[n:], s))
+  (chosen, rejected), (ref_chosen, ref_rejected) = split(policy), split(ref)
+  loss, metrics = losses.preference_loss(
+      settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n])
+  metrics["tokens"] = jnp.sum(both.segment_ids > 0).astype(jnp.float32)
+  return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# The pure train / eval steps
+# --------------------------------------------------------------------------------------------
+
+
+def _microbatches(batch: PreferenceBatch, num: int) -> PreferenceBatch:
+  """``[G, ...]`` -> ``[num, G/num, ...]``; microbatch m holds rows m, m+num, ... .
+
+  Strided rows keep each device's rows on that device when the batch dimension is sharded.
+  """
+
+  def split(x):
+    if x is None:
+      return None
+    g = x.shape[0]
+    if g % num:
+      raise ValueError(f"batch size {g} is not divisible by grad_accum_steps={num}")
+    return x.reshape(g // num, num, *x.shape[1:]).swapaxes(0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def make_loss_fn(
+    model_graphdef: nnx.GraphDef,
+    ref_graphdef: nnx.GraphDef | None,
+    config: DPOConfig,
+) -> Callable[[nnx.State, nnx.State | None, PreferenceBatch], tuple[jax.Array, Metrics]]:
+  """``loss_fn(model_state, ref_state, batch) -> (loss, metrics)``: a pure evaluation of a batch."""
+  settings = config.loss_settings()
+
+  def loss_fn(model_state, ref_state, batch):
+    model = nnx.merge(model_graphdef, model_state)
+    ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+    return dpo_loss(model, ref, batch, settings, chunk_size=config.logits_chunk_size)
+
+  return loss_fn
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    ref_graphdef: nnx.GraphDef | None,
+    config: DPOConfig,
+    *,
+    grad_accum_steps: int = 1,
+) -> Callable[[nnx.State, nnx.State | None, PreferenceBatch], tuple[nnx.State, Metrics]]:
+  """Builds the pure step ``(state, ref_state, batch) -> (new_state, metrics)``.
+
+  ``graphdef``/``state`` are ``nnx.split((model, optimizer))``. The step computes gradients of the
+  policy's ``nnx.Param``s (accumulated over ``grad_accum_steps`` microbatches), applies the
+  optimizer, and keeps the old state when the loss or the gradients are not finite (metric
+  ``nonfinite`` = 1). ``grad_norm`` is measured before any clipping the optimizer does.
+  """
+  settings = config.loss_settings()
+
+  def step(state, ref_state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    m_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+
+    def loss_of(p, rest_state, micro):
+      m = nnx.merge(m_graphdef, p, rest_state)
+      loss, metrics = dpo_loss(m, ref, micro, settings, chunk_size=config.logits_chunk_size)
+      _, _, new_rest = nnx.split(m, nnx.Param, ...)  # e.g. advanced dropout RNG counters
+      return loss, (metrics, new_rest)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if grad_accum_steps == 1:
+      (loss, (metrics, rest)), grads = grad_fn(params, rest, batch)
+    else:
+      micro = _microbatches(batch, grad_accum_steps)
+
+      def body(carry, mb):
+        grads_acc, rest_state = carry
+        (_, (m, rest_state)), g = grad_fn(params, rest_state, mb)
+        return (jax.tree.map(jnp.add, grads_acc, g), rest_state), m
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, rest), per_micro = jax.lax.scan(body, (zeros, rest), micro)
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      metrics = jax.tree.map(jnp.mean, per_micro)
+      metrics["tokens"] = jnp.sum(per_micro["tokens"])
+      loss = metrics["loss"]
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    model = nnx.merge(m_graphdef, params, rest)
+    optimizer.update(model, grads)
+    new_state = nnx.state((model, optimizer))
+    # A non-finite step leaves every parameter and optimizer statistic as it was.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return step
+
+
+# --------------------------------------------------------------------------------------------
+# The seed-compatible trainer
+# --------------------------------------------------------------------------------------------
+
+
+class DPOTrainer:
+  """Trains ``model`` with a preference loss against a frozen ``reference_model``.
+
+  Args:
+    model: the policy, an ``nnx.Module`` mapping int tokens ``[B, T]`` to logits ``[B, T, V]``
+      (or exposing ``hidden_states``/``unembedding`` like ``artifex_dpo.models.LlamaModel``).
+    reference_model: the frozen reference, or None when ``config.reference_free``, when
+      ``config.precompute_ref_logps`` (batches carry reference log-probs), or when no configured
+      loss reads the reference (``simpo``, ``sft``).
+    optimizer: an ``nnx.Optimizer`` over ``model``'s parameters.
+    config: the loss configuration.
+    grad_accum_steps: microbatches per update (the batch size must divide by it).
+
+  Raises:
+    ValueError: when the losses need a reference and none is available.
+  """
+
+  def __init__(
+      self,
+      model: nnx.Module,
+      reference_model: nnx.Module | None,
+      optimizer: nnx.Optimizer,
+      config: DPOConfig | None = None,
+      *,
+      grad_accum_steps: int = 1,
+  ):
+    self.config = config if config is not None else DPOConfig()
+    if reference_model is None and self.config.needs_reference and not self.config.precompute_ref_logps:
+      raise ValueError(
+          "DPOTrainer: reference_model is None but the loss "
+          f"{','.join(self.config.loss_types)} needs a reference; pass a reference model, set "
+          "DPOConfig.reference_free=True, or set DPOConfig.precompute_ref_logps=True and give batches "
+          "reference_log_probs")
+    if grad_accum_steps < 1:
+      raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    self.model = model
+    self.reference_model = None if self.config.reference_free else reference_model
+    self.optimizer = optimizer
+    self.grad_accum_steps = grad_accum_steps
+    self._graphdef, _ = nnx.split((model, optimizer))
+    self._model_graphdef, _ = nnx.split(model)
+    self._ref_graphdef, self._ref_state = (None, None)
+    if self.reference_model is not None:
+      self._ref_graphdef, self._ref_state = nnx.split(self.reference_model)
+    self.step_fn = make_train_step(self._graphdef, self._ref_graphdef, self.config,
+                                   grad_accum_steps=grad_accum_steps)
+    self._train_step = jax.jit(self.step_fn)
+    self._eval_step = jax.jit(make_loss_fn(self._model_graphdef, self._ref_graphdef, self.config))
+    self._plain_model = not accepts_segment_ids(model) or (
+        self.reference_model is not None and not accepts_segment_ids(self.reference_model))
+
+  def _check_batch(self, batch: PreferenceBatch) -> None:
+    if not isinstance(batch, PreferenceBatch):
+      raise ValueError(f"train_step expects a PreferenceBatch, got {type(batch).__name__}")
+    needs_ref_values = self.config.needs_reference and self.reference_model is None
+    if needs_ref_values and not batch.has_reference_log_probs:
+      raise ValueError(
+          "batch has no reference_log_probs on both sides, and the trainer has no reference model "
+          "(DPOConfig.precompute_ref_logps=True)")
+    if self._plain_model:
+      # A model called as model(tokens) sees every token: only right padding keeps scores exact.
+      for side in ("chosen", "rejected"):
+        seg = np.asarray(getattr(batch, side).segment_ids)
+        if np.any(seg > 1) or np.any(np.diff((seg > 0).astype(np.int8), axis=1) > 0):
+          raise ValueError(
+              f"{side}: the model takes no segment_ids, so only right-padded, unpacked rows are exact; "
+              "left padding or packing needs a model accepting segment_ids (e.g. artifex_dpo.models.LlamaModel)")
+
+  def train_step(self, batch: PreferenceBatch) -> tuple[jax.Array, Metrics]:
+    """One optimizer update on ``batch``; returns ``(loss, metrics)`` computed before the update."""
+    self._check_batch(batch)
+    state = nnx.state((self.model, self.optimizer))
+    new_state, metrics = self._train_step(state, self._ref_state, batch)
+    nnx.update((self.model, self.optimizer), new_state)
+    return metrics["loss"], metrics
+
+  def compute_loss(self, batch: PreferenceBatch) -> tuple[jax.Array, Metrics]:
+    """``(loss, metrics)`` of ``batch`` without updating anything."""
+    self._check_batch(batch)
+    return self._eval_step(nnx.state(self.model), self._ref_state, batch)
+
+  eval_step = compute_loss
