@@ -198,6 +198,8 @@ def make_train_step(
   settings = config.loss_settings()
 
   def step(state, ref_state, batch):
+    # Arrays are immutable: keep the incoming ones (merge may reuse the state's Variables).
+    old_leaves = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
     m_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
@@ -232,7 +234,8 @@ def make_train_step(
     optimizer.update(model, grads)
     new_state = nnx.state((model, optimizer))
     # A non-finite step leaves every parameter and optimizer statistic as it was.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_leaves, treedef = jax.tree.flatten(new_state)
+    new_state = treedef.unflatten([jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves, strict=True)])
     metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
     return new_state, metrics
 
