@@ -335,6 +335,7 @@ def preference_loss(
     ref_rejected: SequenceStats,
     chosen_token_logps: jax.Array,
     chosen_response_mask: jax.Array,
+    pair_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted sum of the configured losses and its metrics (batch means over pairs).
 
@@ -344,6 +345,8 @@ def preference_loss(
     ref_chosen, ref_rejected: reference statistics (zeros when reference-free).
     chosen_token_logps, chosen_response_mask: ``[B, T]`` per-token policy log-probs and the
       response mask of the chosen side, for the SFT / RPO negative log-likelihood term.
+    pair_mask: ``[B]`` 0/1; pairs with 0 (filler rows of a last, partial eval batch) count in no
+      mean. None: every pair counts. (The batch-sorting AOT losses still sort filler rows.)
 
   Returns:
     ``(loss, metrics)``; the metrics use TRL's names plus the seed trainer's keys.
@@ -357,6 +360,9 @@ def preference_loss(
         reduce_logps(ref_rejected, reduction),
     )
 
+  w = jnp.ones_like(chosen.logp_sum) if pair_mask is None else pair_mask.astype(jnp.float32)
+  mean = lambda x: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+  chosen_response_mask = chosen_response_mask * w[:, None].astype(chosen_response_mask.dtype)
   metrics: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
   nll = None
@@ -366,7 +372,7 @@ def preference_loss(
       term = nll
     else:
       reduction = "mean" if name in LENGTH_NORMALISED_LOSSES else s.logp_reduction
-      term = jnp.mean(_pair_loss(name, s, pairs(reduction)))
+      term = mean(_pair_loss(name, s, pairs(reduction)))
     if len(s.loss_types) > 1:
       metrics[f"loss/{name}"] = term
     total = total + weight * term
@@ -378,25 +384,25 @@ def preference_loss(
   rp = pairs(reward_reduction(s))
   chosen_rewards = jax.lax.stop_gradient(s.beta * rp.chosen_logratios)
   rejected_rewards = jax.lax.stop_gradient(s.beta * rp.rejected_logratios)
-  accuracy = jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
-  margin = jnp.mean(chosen_rewards - rejected_rewards)
-  n_chosen = jnp.maximum(jnp.sum(chosen.num_tokens), 1.0)
-  n_rejected = jnp.maximum(jnp.sum(rejected.num_tokens), 1.0)
+  accuracy = mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
+  margin = mean(chosen_rewards - rejected_rewards)
+  n_chosen = jnp.maximum(jnp.sum(chosen.num_tokens * w), 1.0)
+  n_rejected = jnp.maximum(jnp.sum(rejected.num_tokens * w), 1.0)
   metrics.update({
       "loss": total,
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
+      "rewards/chosen": mean(chosen_rewards),
+      "rewards/rejected": mean(rejected_rewards),
       "rewards/accuracies": accuracy,
       "rewards/margins": margin,
-      "logps/chosen": jnp.mean(chosen.logp_sum),
-      "logps/rejected": jnp.mean(rejected.logp_sum),
-      "logits/chosen": jnp.sum(chosen.logit_sum) / n_chosen,
-      "logits/rejected": jnp.sum(rejected.logit_sum) / n_rejected,
+      "logps/chosen": mean(chosen.logp_sum),
+      "logps/rejected": mean(rejected.logp_sum),
+      "logits/chosen": jnp.sum(chosen.logit_sum * w) / n_chosen,
+      "logits/rejected": jnp.sum(rejected.logit_sum * w) / n_rejected,
       # The seed trainer's keys, kept so code written for it keeps working.
       "dpo_loss": total,
       "reward_accuracy": accuracy,
-      "chosen_log_ratios": jnp.mean(rp.chosen_logratios),
-      "rejected_log_ratios": jnp.mean(rp.rejected_logratios),
+      "chosen_log_ratios": mean(rp.chosen_logratios),
+      "rejected_log_ratios": mean(rp.rejected_logratios),
       "margin": margin,
   })
   return total, jax.tree.map(jax.lax.stop_gradient, metrics)

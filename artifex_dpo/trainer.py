@@ -88,7 +88,7 @@ def concat_sides(batch: PreferenceBatch) -> GeneratedSequenceBatch:
       return None
     return jnp.concatenate([_pad_to(a, length), _pad_to(b, length)], axis=0)
 
-  return GeneratedSequenceBatch(
+  return GeneratedSequenceBatch(  # not from_sequences: no host-side checks on traced values
       sequences=cat("sequences"),
       response_mask=cat("response_mask"),
       segment_ids=cat("segment_ids"),
@@ -138,7 +138,7 @@ def dpo_loss(
   split = lambda s: (jax.tree.map(lambda x: x[:n], s), jax.tree.map(lambda x: x[n:], s))
   (chosen, rejected), (ref_chosen, ref_rejected) = split(policy), split(ref)
   loss, metrics = losses.preference_loss(
-      settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n])
+      settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask)
   metrics["tokens"] = jnp.sum(both.segment_ids > 0).astype(jnp.float32)
   return loss, metrics
 
@@ -166,15 +166,20 @@ def _microbatches(batch: PreferenceBatch, num: int) -> PreferenceBatch:
 
 
 def make_loss_fn(
-    model_graphdef: nnx.GraphDef,
+    graphdef: nnx.GraphDef,
     ref_graphdef: nnx.GraphDef | None,
     config: DPOConfig,
 ) -> Callable[[nnx.State, nnx.State | None, PreferenceBatch], tuple[jax.Array, Metrics]]:
-  """``loss_fn(model_state, ref_state, batch) -> (loss, metrics)``: a pure evaluation of a batch."""
+  """``loss_fn(state, ref_state, batch) -> (loss, metrics)``: a pure evaluation of a batch.
+
+  ``graphdef``/``state`` split either the model alone or ``(model, optimizer)``.
+  """
   settings = config.loss_settings()
 
-  def loss_fn(model_state, ref_state, batch):
-    model = nnx.merge(model_graphdef, model_state)
+  def loss_fn(state, ref_state, batch):
+    model = nnx.merge(graphdef, state)
+    if isinstance(model, tuple):
+      model = model[0]
     ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
     return dpo_loss(model, ref, batch, settings, chunk_size=config.logits_chunk_size)
 

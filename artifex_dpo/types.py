@@ -144,15 +144,20 @@ class PreferenceBatch:
   """Chosen and rejected responses, aligned pair by pair (row b of each side is pair b).
 
   The two sides may have different lengths; they must have the same batch size.
+  ``pair_mask`` (``[B]`` 0/1, optional) marks filler pairs (0) that count in no metric, e.g. the
+  rows that fill up a last, partial eval batch.
   """
 
   chosen: GeneratedSequenceBatch
   rejected: GeneratedSequenceBatch
+  pair_mask: jax.Array | None = None
 
   def __post_init__(self):
     for side in ("chosen", "rejected"):
       if not isinstance(getattr(self, side), GeneratedSequenceBatch):
         raise ValueError(f"PreferenceBatch.{side} must be a GeneratedSequenceBatch, got {type(getattr(self, side)).__name__}")
+    if not (hasattr(self.chosen.sequences, "shape") and hasattr(self.rejected.sequences, "shape")):
+      return  # a pytree of shardings or other placeholders, rebuilt by jax.tree.map
     cb, rb = self.chosen.sequences.shape[0], self.rejected.sequences.shape[0]
     if cb != rb:
       raise ValueError(f"PreferenceBatch: chosen has {cb} sequences but rejected has {rb}; they must pair up")

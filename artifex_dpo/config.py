@@ -1,0 +1,250 @@
+"""The service's configuration: every key with its default, type and one-line doc, and validation.
+
+Config files in ``configs/`` start from :func:`default_config` and override what they need;
+``--config.a.b=v`` flags override further. :func:`validate` checks keys, types, values and
+files before anything heavy happens (no devices needed) and raises :class:`ConfigError`, whose
+message is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+class ConfigError(ValueError):
+  """A bad configuration value: one line naming the key (the CLI exits with code 2)."""
+
+  def __init__(self, key: str, message: str):
+    super().__init__(f"config key {key}: {message}")
+    self.key = key
+
+
+# key -> one-line doc. Every key of default_config() is listed here (a test checks it).
+DOCS: dict[str, str] = {
+    "model.preset": "model shape preset (llama-tiny, llama3-8b, llama3-70b, qwen2-0.5b, qwen2-7b, mistral-7b)",
+    "model.hf_checkpoint": "Hugging Face model folder (config.json + *.safetensors); overrides the preset",
+    "model.ref_hf_checkpoint": "reference model folder; unset: the reference is the policy's initial weights",
+    "model.dtype": "compute dtype: float32 | bfloat16",
+    "model.param_dtype": "policy parameter (master weight) dtype: float32 | bfloat16",
+    "model.ref_dtype": "reference parameter dtype: float32 | bfloat16 (bf16 halves its memory)",
+    "model.remat": "activation rematerialisation: none | full | dots_saveable",
+    "model.init_seed": "seed of the random initialisation when no checkpoint is given",
+    "data.train_files": "training files: globs, comma-separated (.jsonl, .parquet, .array_record); "
+                        "unset: the built-in synthetic preference set",
+    "data.eval_files": "eval files (globs); unset: hold out data.eval_split of the training data",
+    "data.eval_split": "fraction of training pairs held out for eval when no eval files are given",
+    "data.format": "file format override: auto | jsonl | parquet | array_record",
+    "data.tokenizer": "tokenizer.json, a folder with one, a sentencepiece .model, or 'byte'; "
+                      "unset with model.hf_checkpoint: the checkpoint folder's tokenizer",
+    "data.max_length": "max tokens of prompt + response, per side",
+    "data.max_prompt_length": "max prompt tokens (truncated by data.truncation_mode)",
+    "data.truncation_mode": "which end of a long prompt is kept: keep_end | keep_start",
+    "data.pad_multiple": "pad each batch to a multiple of this many tokens (buckets; max_length caps it)",
+    "data.packing": "pack several pairs per row (padding-free; segment ids keep them apart)",
+    "data.shuffle": "shuffle the global order each epoch (a function of data.seed and the epoch)",
+    "data.seed": "seed of the data order",
+    "data.skip_invalid": "skip (and count) invalid records instead of stopping with exit code 2",
+    "data.synthetic_pairs": "number of pairs of the built-in synthetic set (when no train files)",
+    "dpo.beta": "reward scale beta (KL strength)",
+    "dpo.label_smoothing": "cDPO / robust label-flip rate, in [0, 0.5)",
+    "dpo.reference_free": "score against a uniform reference (SimPO when loss_type is left empty)",
+    "dpo.loss_type": "loss name(s), comma-separated, e.g. sigmoid or sigmoid,sft; empty: sigmoid "
+                     "(simpo when reference-free)",
+    "dpo.loss_weights": "comma-separated weights, one per loss; empty: all 1",
+    "dpo.logp_reduction": "sequence log-prob reduction: sum | mean",
+    "dpo.simpo_gamma": "SimPO target margin gamma",
+    "dpo.rpo_alpha": "weight of the chosen NLL term (RPO); unset: off",
+    "dpo.discopop_tau": "DiscoPOP temperature",
+    "dpo.logits_chunk_size": "positions per chunk of the chunked output projection + log-softmax",
+    "dpo.precompute_ref_logps": "compute reference log-probs once before training; no reference in memory",
+    "optim.name": "optimizer: adamw | adam | sgd",
+    "optim.learning_rate": "peak learning rate",
+    "optim.schedule": "learning-rate schedule after warmup: cosine | linear | constant",
+    "optim.warmup_steps": "linear warmup steps",
+    "optim.end_lr_fraction": "final learning rate as a fraction of the peak (cosine / linear)",
+    "optim.weight_decay": "decoupled weight decay (not applied to norms and biases)",
+    "optim.grad_clip_norm": "clip gradients to this global norm; 0 = off",
+    "optim.b1": "Adam beta1",
+    "optim.b2": "Adam beta2",
+    "optim.eps": "Adam epsilon",
+    "train.steps": "optimizer updates to run",
+    "train.global_batch_size": "preference pairs per update, over all processes",
+    "train.grad_accum_steps": "microbatches per update (global_batch_size must divide)",
+    "train.log_every": "write metrics every N steps",
+    "train.eval_every": "evaluate every N steps (0: only at the end)",
+    "train.eval_batch_size": "pairs per eval batch",
+    "train.seed": "training seed (RNG state)",
+    "train.max_nonfinite_steps": "stop (exit 3) after this many non-finite steps in a row",
+    "train.profile_steps": "profile steps 'a,b' into workdir/profile (empty: off)",
+    "checkpoint.save_every": "save a checkpoint every N steps (0: only at the end)",
+    "checkpoint.max_to_keep": "checkpoints kept",
+    "checkpoint.async_save": "save in the background while training goes on",
+    "checkpoint.allow_change": "allow resuming with a different model / data / batch size",
+    "mesh.ici.data": "data-parallel axis size within a slice (-1: fill)",
+    "mesh.ici.fsdp": "FSDP axis size within a slice (-1: fill)",
+    "mesh.ici.tensor": "tensor-parallel axis size within a slice",
+    "mesh.dcn.data": "data-parallel axis size across slices (-1: fill)",
+    "mesh.dcn.fsdp": "FSDP axis size across slices",
+    "mesh.dcn.tensor": "tensor-parallel axis size across slices",
+    "export.hf": "export the final policy in Hugging Face format to workdir/export",
+    "export.dtype": "dtype of the exported weights: float32 | bfloat16",
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key with its default (see DOCS for what each means)."""
+  c = ml_collections.ConfigDict()
+  c.model = dict(preset="llama-tiny", hf_checkpoint=placeholder(str), ref_hf_checkpoint=placeholder(str),
+                 dtype="float32", param_dtype="float32", ref_dtype="float32", remat="none", init_seed=0)
+  c.data = dict(train_files=placeholder(str), eval_files=placeholder(str), eval_split=0.1, format="auto",
+                tokenizer=placeholder(str), max_length=512, max_prompt_length=256, truncation_mode="keep_end",
+                pad_multiple=64, packing=False, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
+  c.dpo = dict(beta=0.1, label_smoothing=0.0, reference_free=False, loss_type="", loss_weights="",
+               logp_reduction="sum", simpo_gamma=0.0, rpo_alpha=placeholder(float), discopop_tau=0.05,
+               logits_chunk_size=512, precompute_ref_logps=False)
+  c.optim = dict(name="adamw", learning_rate=1e-6, schedule="cosine", warmup_steps=0, end_lr_fraction=0.0,
+                 weight_decay=0.0, grad_clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  c.train = dict(steps=100, global_batch_size=8, grad_accum_steps=1, log_every=10, eval_every=0,
+                 eval_batch_size=8, seed=0, max_nonfinite_steps=10, profile_steps="")
+  c.checkpoint = dict(save_every=0, max_to_keep=3, async_save=True, allow_change=False)
+  c.mesh = dict(ici=dict(data=1, fsdp=-1, tensor=1), dcn=dict(data=-1, fsdp=1, tensor=1))
+  c.export = dict(hf=False, dtype="float32")
+  return c
+
+
+def flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in c.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.extend(flat_keys(v, key + "."))
+    else:
+      out.append(key)
+  return out
+
+
+def _choice(c, key: str, options) -> None:
+  value = _get(c, key)
+  if value not in options:
+    raise ConfigError(key, f"must be one of {', '.join(map(str, options))}, got {value!r}")
+
+
+def _get(c, key: str):
+  node = c
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _positive(c, key: str, allow_zero: bool = False) -> None:
+  value = _get(c, key)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_globs(key: str, value: str | None) -> None:
+  if not value:
+    return
+  for pattern in [p.strip() for p in value.split(",") if p.strip()]:
+    if "://" in pattern:
+      continue  # object stores are checked when read
+    if not glob.glob(pattern):
+      raise ConfigError(key, f"no file matches {pattern!r}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks a config before anything heavy; raises ConfigError naming the first bad key."""
+  expected = set(DOCS)
+  got = set(flat_keys(c))
+  for key in sorted(got - expected):
+    raise ConfigError(key, "unknown key")
+  for key in sorted(expected - got):
+    raise ConfigError(key, "missing")
+  _choice(c, "model.dtype", ("float32", "bfloat16"))
+  _choice(c, "model.param_dtype", ("float32", "bfloat16"))
+  _choice(c, "model.ref_dtype", ("float32", "bfloat16"))
+  _choice(c, "model.remat", ("none", "full", "dots_saveable"))
+  from artifex_dpo.models import presets  # light import: no devices
+
+  if not c.model.hf_checkpoint:
+    _choice(c, "model.preset", tuple(presets.PRESETS))
+  for key in ("model.hf_checkpoint", "model.ref_hf_checkpoint"):
+    path = _get(c, key)
+    if path and "://" not in path and not os.path.isfile(os.path.join(path, "config.json")):
+      raise ConfigError(key, f"{path!r} is not a folder with a config.json")
+  _check_globs("data.train_files", c.data.train_files)
+  _check_globs("data.eval_files", c.data.eval_files)
+  _choice(c, "data.format", ("auto", "jsonl", "parquet", "array_record"))
+  _choice(c, "data.truncation_mode", ("keep_end", "keep_start"))
+  tok = c.data.tokenizer
+  if tok and tok != "byte" and not os.path.exists(tok):
+    raise ConfigError("data.tokenizer", f"{tok!r} does not exist")
+  if not tok and not c.model.hf_checkpoint:
+    raise ConfigError("data.tokenizer", "unset, and no model.hf_checkpoint to take one from (use 'byte' for the "
+                                        "built-in byte tokenizer)")
+  for key in ("data.max_length", "data.max_prompt_length", "data.pad_multiple", "data.synthetic_pairs",
+              "train.steps", "train.global_batch_size", "train.grad_accum_steps", "train.log_every",
+              "train.eval_batch_size", "train.max_nonfinite_steps", "checkpoint.max_to_keep",
+              "dpo.logits_chunk_size"):
+    _positive(c, key)
+  for key in ("train.eval_every", "checkpoint.save_every", "optim.warmup_steps", "optim.weight_decay",
+              "optim.grad_clip_norm", "optim.learning_rate"):
+    _positive(c, key, allow_zero=True)
+  if c.data.max_prompt_length >= c.data.max_length:
+    raise ConfigError("data.max_prompt_length", f"must be < data.max_length ({c.data.max_length}), got "
+                                                f"{c.data.max_prompt_length}")
+  if not 0.0 <= c.data.eval_split < 1.0:
+    raise ConfigError("data.eval_split", f"must be in [0, 1), got {c.data.eval_split}")
+  if c.train.global_batch_size % c.train.grad_accum_steps:
+    raise ConfigError("train.global_batch_size", f"{c.train.global_batch_size} is not divisible by "
+                                                 f"train.grad_accum_steps={c.train.grad_accum_steps}")
+  _choice(c, "optim.name", ("adamw", "adam", "sgd"))
+  _choice(c, "optim.schedule", ("cosine", "linear", "constant"))
+  if not 0.0 <= c.optim.end_lr_fraction <= 1.0:
+    raise ConfigError("optim.end_lr_fraction", f"must be in [0, 1], got {c.optim.end_lr_fraction}")
+  _choice(c, "export.dtype", ("float32", "bfloat16"))
+  for axis in ("data", "fsdp", "tensor"):
+    for level in ("ici", "dcn"):
+      key = f"mesh.{level}.{axis}"
+      value = _get(c, key)
+      if not isinstance(value, int) or (value < 1 and value != -1):
+        raise ConfigError(key, f"must be a positive size or -1 (fill), got {value!r}")
+  if c.train.profile_steps:
+    try:
+      a, b = (int(x) for x in c.train.profile_steps.split(","))
+      assert 0 < a < b
+    except (ValueError, AssertionError):
+      raise ConfigError("train.profile_steps", f"must be 'start,stop' with 0 < start < stop, got "
+                                               f"{c.train.profile_steps!r}") from None
+  try:
+    dpo_config(c)
+  except ValueError as e:
+    m = re.search(r"DPOConfig\.(\w+)", str(e))
+    raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
+
+
+def dpo_config(c: ml_collections.ConfigDict):
+  """The library's DPOConfig from the ``dpo.*`` keys."""
+  from artifex_dpo.dpo_config import DPOConfig
+
+  return DPOConfig(
+      beta=c.dpo.beta,
+      label_smoothing=c.dpo.label_smoothing,
+      reference_free=c.dpo.reference_free,
+      loss_type=c.dpo.loss_type or None,
+      loss_weights=c.dpo.loss_weights or None,
+      simpo_gamma=c.dpo.simpo_gamma,
+      rpo_alpha=c.dpo.rpo_alpha,
+      logp_reduction=c.dpo.logp_reduction,
+      discopop_tau=c.dpo.discopop_tau,
+      logits_chunk_size=c.dpo.logits_chunk_size,
+      precompute_ref_logps=c.dpo.precompute_ref_logps,
+  )
+

@@ -1,0 +1,109 @@
+"""Metrics outputs: ``metrics.jsonl``, TensorBoard, the progress line, throughput and MFU.
+
+Only process 0 writes (every process computes the same global metrics). ``metrics.jsonl`` is
+appended to, so a resumed run continues the file; for a step that appears twice the later row
+counts. On object stores, which cannot append, the file is rewritten whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+# Published dense bf16 peak FLOP/s per chip (per device as JAX counts them).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
+  """The FLOP/s of a square float32 matmul on the default device (best of ``repeats``)."""
+  a = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * size**3 / best
+
+
+def device_peak_flops() -> tuple[float, str]:
+  """``(peak FLOP/s per device, where it came from)``: published bf16 peak, or measured on CPU."""
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f"published bf16 peak of {kind}"
+  return measure_matmul_peak(), f"float32 matmul measured on {kind or device.platform}"
+
+
+def format_eta(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+class MetricsWriter:
+  """Writes metric rows on process 0; a no-op on other processes."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._remote = "://" in workdir
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, row: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v) for k, v in row.items()}
+    line = json.dumps(row, sort_keys=True) + "\n"
+    if self._remote:
+      from etils import epath
+
+      p = epath.Path(self._path)
+      old = p.read_text() if p.exists() else ""
+      p.write_text(old + line)
+    else:
+      with open(self._path, "a") as f:
+        f.write(line)
+    step = int(row["step"])
+    for k, v in row.items():
+      if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def progress(self, step: int, total: int, row: dict[str, Any], eta_s: float) -> None:
+    if not self.enabled:
+      return
+    logging.info(
+        "step %d/%d  loss %.4f  acc %.3f  margin %.4f  %.0f tok/s  mfu %.1f%%  eta %s",
+        step, total, row["loss"], row["rewards/accuracies"], row["rewards/margins"],
+        row.get("tokens_per_s", 0.0), 100 * row.get("mfu", 0.0), format_eta(eta_s))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

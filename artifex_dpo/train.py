@@ -1,0 +1,418 @@
+"""The training loop: build -> loop(step, eval, save) -> export.
+
+``run(config, workdir)`` is what ``python -m artifex_dpo.main`` calls on every process. It
+returns the exit code (0 finished, 3 diverged, 75 preempted); bad config or data raise
+:class:`~artifex_dpo.config.ConfigError` / :class:`~artifex_dpo.data.DataError`, which main turns
+into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from artifex_dpo import checkpoint as ckpt_lib
+from artifex_dpo import config as config_lib
+from artifex_dpo import metrics as metrics_lib
+from artifex_dpo import sharding
+from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
+from artifex_dpo.data.synthetic import write_synthetic
+from artifex_dpo.models import LlamaModel, config_from_hf, export_hf, forward_flops_per_token, get_preset, load_hf_params
+from artifex_dpo.models.config import ModelConfig
+from artifex_dpo.trainer import make_loss_fn, make_train_step
+from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
+
+EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
+# Config keys whose change makes a checkpoint unusable (unless checkpoint.allow_change).
+_FROZEN_KEYS = ("model.preset", "model.hf_checkpoint", "model.param_dtype", "data.train_files",
+                "data.tokenizer", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
+                "data.seed", "data.shuffle", "data.synthetic_pairs", "data.eval_split",
+                "train.global_batch_size")
+
+
+# ------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(c: ml_collections.ConfigDict):
+  spec = c.data.tokenizer or c.model.hf_checkpoint
+  try:
+    return load_tokenizer(spec)
+  except DataError:
+    raise
+  except (ValueError, OSError) as e:
+    raise config_lib.ConfigError("data.tokenizer", f"{spec}: {e}") from None
+
+
+def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+  """The training and eval sets (first pass over the data; every process reads the same)."""
+  files = c.data.train_files
+  if not files:
+    files = write_synthetic(os.path.join(workdir, "synthetic", "train.jsonl"), c.data.synthetic_pairs, c.data.seed)
+  kwargs = dict(format=None if c.data.format == "auto" else c.data.format, max_length=c.data.max_length,
+                max_prompt_length=c.data.max_prompt_length, truncation_mode=c.data.truncation_mode,
+                skip_invalid=c.data.skip_invalid)
+  train = PreferenceDataset.from_files(files, tokenizer, **kwargs)
+  if c.data.eval_files:
+    return train, PreferenceDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
+  skipped, dropped = train.num_skipped_invalid, train.num_dropped_truncated
+  train, held_out = eval_split(train, c.data.eval_split, c.data.seed)
+  train.num_skipped_invalid, train.num_dropped_truncated = skipped, dropped
+  return train, held_out
+
+
+def build_model_config(c, tokenizer) -> ModelConfig:
+  kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  if c.model.hf_checkpoint:
+    mcfg = config_from_hf(c.model.hf_checkpoint, **kw)
+  elif c.model.preset == "llama-tiny":  # trained from scratch: the vocabulary is the tokenizer's
+    mcfg = get_preset("llama-tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                      bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id, **kw)
+  else:
+    mcfg = get_preset(c.model.preset, **kw)
+  if tokenizer.vocab_size > mcfg.vocab_size:
+    raise config_lib.ConfigError("data.tokenizer", f"has {tokenizer.vocab_size} ids, more than the model's "
+                                                   f"vocabulary of {mcfg.vocab_size}")
+  return mcfg
+
+
+def build_optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (default) with warmup + cosine/linear decay, clipping, decay masked off norms/biases."""
+  o = c.optim
+  steps = c.train.steps
+  end = o.learning_rate * o.end_lr_fraction
+  decay_steps = max(1, steps - o.warmup_steps)
+  if o.schedule == "cosine":
+    after = optax.cosine_decay_schedule(o.learning_rate, decay_steps, alpha=o.end_lr_fraction)
+  elif o.schedule == "linear":
+    after = optax.linear_schedule(o.learning_rate, end, decay_steps)
+  else:
+    after = optax.constant_schedule(o.learning_rate)
+  schedule = after
+  if o.warmup_steps:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), after],
+                                    [o.warmup_steps])
+  # Weight decay on matrices only: norms and biases (1-D per layer) are excluded.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2 + ("layers" in _axes(p)), params,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if o.name == "adamw":
+    core = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+  elif o.name == "adam":
+    core = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+  else:
+    core = optax.sgd(schedule)
+  parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm else []
+  return optax.chain(*parts, core), schedule
+
+
+def _axes(v) -> tuple:
+  return tuple(v.get_metadata().get("logical_axes") or ()) if isinstance(v, nnx.Variable) else ()
+
+
+def to_global_batch(local: dict[str, Any], mesh, *, with_pair_mask: bool) -> PreferenceBatch:
+  """Per-process numpy batches -> one global PreferenceBatch sharded over (data, fsdp)."""
+  count = jax.process_count()
+
+  def arr(x):
+    x = np.asarray(x)
+    shape = (x.shape[0] * count, *x.shape[1:])
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
+
+  def side(s):
+    return GeneratedSequenceBatch(sequences=arr(local[f"{s}_tokens"]), response_mask=arr(local[f"{s}_response_mask"]),
+                                  segment_ids=arr(local[f"{s}_segment_ids"]))
+
+  return PreferenceBatch(chosen=side("chosen"), rejected=side("rejected"),
+                         pair_mask=arr(local["pair_mask"]) if with_pair_mask else None)
+
+
+def _batch_shardings(batch: PreferenceBatch) -> Any:
+  return jax.tree.map(lambda x: x.sharding, batch)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag that every process agrees on at a step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    # Multi-host: JAX's preemption sync point makes every process stop at the same step
+    # (it only works with jax.distributed initialised; a single process uses its own flag).
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step) or self._agree(self.requested)
+      except RuntimeError:
+        return self._agree(self.requested)
+    return self.requested
+
+  @staticmethod
+  def _agree(flag: bool) -> bool:
+    # Every process must take the same decision: stop if any process got the signal.
+    return bool(np.max(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+
+
+def run(c: ml_collections.ConfigDict, workdir: str) -> int:
+  """Trains as configured; returns the exit code."""
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+
+  # --- Data ---------------------------------------------------------------------------------
+  tokenizer = build_tokenizer(c)
+  train_ds, eval_ds = build_datasets(c, tokenizer, workdir)
+  logging.info("data: %d train pairs, %d eval pairs, %d invalid skipped, %d dropped by truncation",
+               len(train_ds), len(eval_ds) if eval_ds else 0, train_ds.num_skipped_invalid,
+               train_ds.num_dropped_truncated)
+  counters = {"data/skipped_invalid": train_ds.num_skipped_invalid,
+              "data/dropped_truncated": train_ds.num_dropped_truncated}
+
+  # --- Mesh, model, optimizer, reference ----------------------------------------------------
+  try:
+    mesh = sharding.make_mesh(c.mesh)
+  except sharding.MeshError as e:
+    raise config_lib.ConfigError("mesh", str(e)) from None
+  parallel = sharding.batch_parallelism(mesh)
+  for key, size in (("train.global_batch_size", c.train.global_batch_size // c.train.grad_accum_steps),
+                    ("train.eval_batch_size", c.train.eval_batch_size)):
+    if size % parallel or size % jax.process_count():
+      raise config_lib.ConfigError(key, f"{size} pairs per (micro)batch do not divide over {parallel} "
+                                        f"batch shards (mesh data x fsdp) and {jax.process_count()} processes")
+  mcfg = build_model_config(c, tokenizer)
+  dpo_cfg = config_lib.dpo_config(c)
+  tx, schedule = build_optimizer(c)
+
+  def create(params=None):
+    model = LlamaModel(mcfg, rngs=nnx.Rngs(c.model.init_seed))
+    if params is not None:
+      nnx.update(model, params)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  abstract_pair = nnx.eval_shape(create)
+  graphdef, abstract_state = nnx.split(abstract_pair)
+  state_sh = sharding.state_shardings(abstract_state, mesh)
+  abstract_model = abstract_pair[0]
+  param_sh = sharding.state_shardings(nnx.state(abstract_model, nnx.Param), mesh)
+
+  with mesh:
+    loaded = load_hf_params(c.model.hf_checkpoint, abstract_model, param_sh) if c.model.hf_checkpoint else None
+    init = jax.jit(lambda p: nnx.state(create(p)), out_shardings=state_sh)
+    state = init(loaded)
+    del loaded
+
+  ref_graphdef, ref_state = None, None
+  needs_ref = dpo_cfg.needs_reference
+  if c.dpo.precompute_ref_logps:
+    raise config_lib.ConfigError("dpo.precompute_ref_logps", "not available in the training service yet")
+  if needs_ref:
+    ref_mcfg = dataclasses.replace(mcfg, param_dtype=c.model.ref_dtype)
+    abstract_ref = nnx.eval_shape(lambda: LlamaModel(ref_mcfg, rngs=nnx.Rngs(0)))
+    ref_graphdef, abstract_ref_state = nnx.split(abstract_ref)
+    ref_sh = sharding.state_shardings(abstract_ref_state, mesh)
+    if c.model.ref_hf_checkpoint:
+      ref_state = load_hf_params(c.model.ref_hf_checkpoint, abstract_ref, ref_sh)
+    else:  # the policy's initial weights (a copy: the policy's buffers are donated each step)
+      ref_dtype = jnp.dtype(c.model.ref_dtype)
+      policy_params = lambda s: nnx.state(nnx.merge(graphdef, s)[0], nnx.Param)
+      ref_state = jax.jit(lambda s: jax.tree.map(lambda x: x.astype(ref_dtype), policy_params(s)),
+                          out_shardings=ref_sh)(state)
+  else:
+    ref_sh = None
+
+  # --- Resume ---------------------------------------------------------------------------------
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
+                                       async_save=c.checkpoint.async_save)
+  resolved = json.loads(c.to_json())
+  meta = {"config": resolved, "train_fingerprint": train_ds.fingerprint()}
+  start = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    saved_meta = checkpointer.read_meta(latest)
+    _check_config_change(saved_meta, meta, c, f"{checkpointer.directory}/{latest}")
+    state = checkpointer.restore(latest, abstract_state, state_sh)
+    start = int(saved_meta["step"])
+    logging.info("resumed from %s/%d", checkpointer.directory, latest)
+
+  # --- Compile --------------------------------------------------------------------------------
+  loader = PreferenceLoader(train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
+                            start_step=start, num_steps=c.train.steps)
+  step_fn = make_train_step(graphdef, ref_graphdef, dpo_cfg, grad_accum_steps=c.train.grad_accum_steps)
+  eval_fn = make_loss_fn(graphdef, ref_graphdef, dpo_cfg)
+  jit_cache: dict[Any, Any] = {}
+
+  def compiled(kind, batch):
+    key = (kind, jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
+    if key not in jit_cache:
+      b_sh = _batch_shardings(batch)
+      if kind == "train":
+        jit_cache[key] = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, b_sh), donate_argnums=(0,),
+                                 out_shardings=(state_sh, None))
+      else:
+        jit_cache[key] = jax.jit(lambda s, r, b: eval_fn(s, r, b)[1], in_shardings=(state_sh, ref_sh, b_sh))
+    return jit_cache[key]
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  peak, peak_source = metrics_lib.device_peak_flops()
+  logging.info("MFU peak: %.3g FLOP/s per device (%s), %d devices", peak, peak_source, jax.device_count())
+
+  def evaluate(step: int) -> None:
+    if eval_ds is None:
+      return
+    sums: dict[str, float] = {}
+    total_pairs = 0
+    for i, local in enumerate(eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(),
+                                           jax.process_count(), c.data.pad_multiple, c.data.max_length)):
+      batch = to_global_batch(local, mesh, with_pair_mask=True)
+      m = jax.device_get(compiled("eval", batch)(state, ref_state, batch))
+      real = min(c.train.eval_batch_size, len(eval_ds) - i * c.train.eval_batch_size)
+      total_pairs += real
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v) * (real if k != "tokens" else 1)
+    row = {"step": step, "time": time.time()}
+    row.update({f"eval/{k}": v / (total_pairs if k != "tokens" else 1) for k, v in sums.items()})
+    writer.write(row)
+    if is_main:
+      logging.info("eval at step %d: loss %.4f accuracy %.3f margin %.4f", step, row["eval/loss"],
+                   row["eval/rewards/accuracies"], row["eval/rewards/margins"])
+
+  def save(step: int) -> None:
+    checkpointer.save(step, state, dict(meta, step=step))
+
+  # --- Loop -----------------------------------------------------------------------------------
+  preemption = _Preemption()
+  ref_forward = 1.0 if ref_state is not None else 0.0
+  nonfinite_run, exit_code = 0, EXIT_OK
+  last_log_time, interval_tokens, interval_flops, interval_steps = time.time(), 0.0, 0.0, 0
+  loop_start, steps_done = time.time(), 0
+  pending = None  # the previous step's metrics, fetched one step late to keep the device busy
+  profile = [int(x) for x in c.train.profile_steps.split(",")] if c.train.profile_steps else None
+
+  def finish_step(step, m, tokens, flops) -> bool:
+    """Host-side bookkeeping of a finished step; False when the run must stop (diverged)."""
+    nonlocal nonfinite_run, last_log_time, interval_tokens, interval_flops, interval_steps
+    m = jax.device_get(m)
+    counters["train/nonfinite_steps"] = counters.get("train/nonfinite_steps", 0) + int(m["nonfinite"])
+    nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
+    interval_tokens += tokens
+    interval_flops += flops
+    interval_steps += 1
+    if step % c.train.log_every == 0 or step == c.train.steps or nonfinite_run:
+      now = time.time()
+      elapsed = max(now - last_log_time, 1e-9)
+      row = {"step": step, "time": now, "learning_rate": float(schedule(step - 1)),
+             "tokens_per_s": interval_tokens / elapsed, "step_s": elapsed / interval_steps,
+             "mfu": interval_flops / elapsed / (peak * jax.device_count())}
+      row.update({k: float(v) for k, v in m.items()})
+      row["tokens"] = tokens
+      row.update(counters)
+      writer.write(row)
+      eta = (c.train.steps - step) * (now - loop_start) / max(steps_done, 1)
+      writer.progress(step, c.train.steps, row, eta)
+      last_log_time, interval_tokens, interval_flops, interval_steps = now, 0.0, 0.0, 0
+    if nonfinite_run >= c.train.max_nonfinite_steps:
+      logging.error("stopping: %d non-finite steps in a row (loss or gradients NaN/inf); the last good "
+                    "state is checkpointed", nonfinite_run)
+      return False
+    return True
+
+  step = start
+  try:
+    with mesh:
+      for step_index, local in loader:
+        step = step_index + 1  # steps count optimizer updates from 1
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        batch = to_global_batch(local, mesh, with_pair_mask=False)
+        state, m = compiled("train", batch)(state, ref_state, batch)
+        seq_len = batch.chosen.length
+        tokens = float(local["global_num_tokens"])
+        flops = tokens * forward_flops_per_token(mcfg, seq_len) * (3.0 + ref_forward)
+        steps_done += 1
+        if pending is not None and not finish_step(*pending):
+          exit_code = EXIT_DIVERGED
+          break
+        pending = (step, m, tokens, flops)
+        if profile and step == profile[1]:
+          jax.profiler.stop_trace()
+        if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
+          evaluate(step)
+        if c.checkpoint.save_every and step % c.checkpoint.save_every == 0 and step < c.train.steps:
+          save(step)
+        if preemption.reached(step):
+          logging.warning("preempted (SIGTERM): saving step %d and exiting with code %d", step, EXIT_PREEMPTED)
+          exit_code = EXIT_PREEMPTED
+          break
+      if pending is not None and exit_code == EXIT_OK and not finish_step(*pending):
+        exit_code = EXIT_DIVERGED
+      if exit_code == EXIT_OK:
+        evaluate(step)
+      if checkpointer.latest_step() != step:
+        save(step)
+      checkpointer.wait()
+      if exit_code == EXIT_OK and c.export.hf:
+        model = nnx.merge(graphdef, state)[0]
+        tok_dir = _tokenizer_dir(c)
+        export_hf(model, os.path.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir)
+        logging.info("exported the policy to %s", os.path.join(workdir, "export"))
+  finally:
+    preemption.restore()
+    checkpointer.close()
+    writer.close()
+  return exit_code
+
+
+def _tokenizer_dir(c) -> str | None:
+  spec = c.data.tokenizer or c.model.hf_checkpoint
+  if not spec or spec == "byte":
+    return None
+  return spec if os.path.isdir(spec) else os.path.dirname(spec)
+
+
+def _check_config_change(saved: dict, current: dict, c, path: str) -> None:
+  if c.checkpoint.allow_change:
+    return
+  for key in _FROZEN_KEYS:
+    old, new = _lookup(saved.get("config", {}), key), _lookup(current["config"], key)
+    if old != new:
+      raise config_lib.ConfigError(key, f"is {new!r} but the checkpoint {path} was written with {old!r} (set "
+                                        "checkpoint.allow_change=True to resume anyway)")
+  if saved.get("train_fingerprint") != current["train_fingerprint"]:
+    raise config_lib.ConfigError("data.train_files", f"the training data differ from those of checkpoint {path} "
+                                                     "(set checkpoint.allow_change=True to resume anyway)")
+
+
+def _lookup(d: dict, key: str):
+  for part in key.split("."):
+    if not isinstance(d, dict) or part not in d:
+      return None
+    d = d[part]
+  return d
