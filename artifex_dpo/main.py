@@ -39,6 +39,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(str(e).splitlines()[0] if str(e) else repr(e))
+  except (AttributeError, KeyError) as e:  # --config.a.b=v naming a key that does not exist
+    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [a for a in bad if a.rsplit(".", 1)[-1] in text] or bad
+    _fail(f"config key {named[0][len('--config.'):] if named else '?'}: unknown key ({text})")
   except Exception as e:  # noqa: BLE001 - a config file that fails to load
     _fail(f"--config: {type(e).__name__}: {e}".splitlines()[0])
   return []
@@ -68,13 +73,25 @@ def init_distributed() -> None:
                  jax.local_device_count(), jax.device_count())
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of Orbax's checkpoint internals from the log (warnings still show)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from artifex_dpo import checkpoint, config as config_lib, sharding
   from artifex_dpo.data import DataError
 
-  c = _CONFIG.value
+  try:
+    c = _CONFIG.value
+    c.keys()
+  except Exception as e:  # noqa: BLE001 - ml_collections reports a failed config file load lazily
+    _fail(f"--config: {' '.join(str(e).split())}")
   if not _WORKDIR.value:
     _fail("--workdir is required")
   try:

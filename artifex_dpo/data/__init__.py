@@ -1,0 +1,63 @@
+"""Preference data: sources, tokenizers, record formats, and the Grain loader.
+
+Typical use::
+
+  tok = load_tokenizer(cfg.data.tokenizer)
+  ds = PreferenceDataset.from_files(cfg.data.train_files, tok, max_length=..., ...)
+  train, evaluation = eval_split(ds, cfg.data.eval_split, cfg.data.seed)
+  loader = PreferenceLoader(train, global_batch_size, seed=..., process_index=...,
+                            process_count=..., pad_multiple=64, max_length=..., start_step=step)
+  for step, batch in loader: ...
+"""
+
+from artifex_dpo.data.errors import DataError
+from artifex_dpo.data.formats import (
+    TokenizedPair,
+    TruncationSettings,
+    detect_record_format,
+    parse_record,
+    record_to_pair,
+    tokenize_pairs,
+    truncate_pair,
+)
+from artifex_dpo.data.pipeline import (
+    BATCH_ARRAY_KEYS,
+    PreferenceDataset,
+    PreferenceLoader,
+    batch_indices,
+    build_datasets,
+    eval_batches,
+    eval_split,
+    global_batch_indices,
+    global_order,
+    make_batch,
+    pad_length,
+)
+from artifex_dpo.data.sources import expand_files, read_records
+from artifex_dpo.data.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = [
+    "BATCH_ARRAY_KEYS",
+    "DataError",
+    "PreferenceDataset",
+    "PreferenceLoader",
+    "TokenizedPair",
+    "Tokenizer",
+    "TruncationSettings",
+    "batch_indices",
+    "build_datasets",
+    "detect_record_format",
+    "eval_batches",
+    "eval_split",
+    "expand_files",
+    "global_batch_indices",
+    "global_order",
+    "load_tokenizer",
+    "make_batch",
+    "pad_length",
+    "parse_record",
+    "read_records",
+    "record_to_pair",
+    "tokenize_pairs",
+    "truncate_pair",
+]

@@ -1,0 +1,263 @@
+"""Record sources: JSON Lines, Parquet, ArrayRecord files found by globs.
+
+Every record is a JSON object (a dict). Records are numbered from 1 within their file (line
+number for JSON Lines, row number for Parquet and ArrayRecord) so that errors can say
+``file:line: what is wrong``. Nothing is unpickled or evaluated: ArrayRecord records must hold
+JSON-encoded objects (UTF-8 bytes).
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from artifex_dpo.data.errors import DataError
+
+FORMATS = ("jsonl", "json", "parquet", "array_record")
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".array_record": "array_record",
+    ".arrayrecord": "array_record",
+}
+_GLOB_CHARS = set("*?[")
+_ARRAY_RECORD_CHUNK = 1024
+_PARQUET_BATCH = 4096
+
+
+def _is_uri(path: str) -> bool:
+  return "://" in path
+
+
+def expand_files(globs: str | Sequence[str]) -> list[str]:
+  """Expands ``data.train_files`` / ``data.eval_files`` into a sorted list of files.
+
+  Args:
+    globs: One string of comma-separated globs, or a list of globs. ``**`` recurses.
+      Paths with a ``scheme://`` are globbed with ``etils.epath``.
+
+  Returns:
+    The matching files, sorted and without duplicates.
+
+  Raises:
+    DataError: No globs were given, or a glob (or plain path) matches no file.
+  """
+  if isinstance(globs, str):
+    patterns = [g.strip() for g in globs.split(",")]
+  else:
+    patterns = [str(g).strip() for g in globs]
+  patterns = [p for p in patterns if p]
+  if not patterns:
+    raise DataError(None, None, "no data files given")
+  files: set[str] = set()
+  for pattern in patterns:
+    if _is_uri(pattern):
+      matches = _glob_uri(pattern)
+    elif _GLOB_CHARS & set(pattern):
+      matches = [m for m in _glob.glob(pattern, recursive=True) if os.path.isfile(m)]
+    else:
+      matches = [pattern] if os.path.isfile(pattern) else []
+    if not matches:
+      what = "no file matches this glob" if _GLOB_CHARS & set(pattern) else "no such file"
+      raise DataError(pattern, None, what)
+    files.update(matches)
+  return sorted(files)
+
+
+def _glob_uri(pattern: str) -> list[str]:
+  from etils import epath
+
+  head, _, tail = pattern.partition("://")
+  parts = tail.split("/")
+  first_glob = next((i for i, p in enumerate(parts) if _GLOB_CHARS & set(p)), None)
+  if first_glob is None:
+    path = epath.Path(pattern)
+    return [pattern] if path.is_file() else []
+  base = epath.Path(head + "://" + "/".join(parts[:first_glob]))
+  return sorted(str(p) for p in base.glob("/".join(parts[first_glob:])) if p.is_file())
+
+
+def detect_format(path: str, format: str | None = None) -> str:
+  """The record format of a file: ``format`` if given (``data.format``; ``auto``: none), else its extension.
+
+  Raises:
+    DataError: Unknown format or extension.
+  """
+  if format and format != "auto":
+    if format not in FORMATS:
+      raise DataError(path, None, f"unknown data.format {format!r} (one of {', '.join(FORMATS)})")
+    return format
+  name = path.lower()
+  for ext, fmt in _EXTENSIONS.items():
+    if name.endswith(ext):
+      return fmt
+  raise DataError(
+      path, None, "cannot tell the format from the extension (use .jsonl, .json, .parquet, "
+      ".array_record, or set data.format)"
+  )
+
+
+def read_records(path: str, format: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+  """Reads the records of one file.
+
+  Args:
+    path: The file.
+    format: ``jsonl`` | ``json`` | ``parquet`` | ``array_record``; None: from the extension.
+      ``json`` accepts JSON Lines or a single JSON array of objects.
+
+  Yields:
+    (record number from 1, record dict).
+
+  Raises:
+    DataError: The file cannot be read, holds no records, or a record is not a JSON
+      object (malformed JSON, another JSON type, bad UTF-8).
+  """
+  for line, value in read_records_lenient(path, format):
+    if isinstance(value, DataError):
+      raise value
+    yield line, value
+
+
+def read_records_lenient(
+    path: str, format: str | None = None
+) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+  """Like `read_records`, but a bad record is yielded as its `DataError` (to skip it).
+
+  Problems of the whole file (cannot open, no records, unreadable Parquet) still raise.
+  """
+  fmt = detect_format(path, format)
+  reader = {
+      "jsonl": _read_jsonl,
+      "json": _read_json,
+      "parquet": _read_parquet,
+      "array_record": _read_array_record,
+  }[fmt]
+  count = 0
+  for item in reader(path):
+    count += 1
+    yield item
+  if count == 0:
+    raise DataError(path, None, "empty file (no records)")
+
+
+def _open_binary(path: str):
+  try:
+    if _is_uri(path):
+      from etils import epath
+
+      return epath.Path(path).open("rb")
+    return open(path, "rb")
+  except OSError as e:
+    raise DataError(path, None, f"cannot open: {e.strerror or e}") from None
+
+
+def _parse_object(path: str, line: int, raw: bytes | str) -> dict[str, Any]:
+  try:
+    if isinstance(raw, bytes):
+      raw = raw.decode("utf-8")
+    value = json.loads(raw)
+  except UnicodeDecodeError as e:
+    raise DataError(path, line, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise DataError(path, line, f"malformed JSON: {e.msg} (column {e.colno})") from None
+  except RecursionError:
+    raise DataError(path, line, "malformed JSON: nested too deeply") from None
+  if not isinstance(value, dict):
+    raise DataError(path, line, f"expected a JSON object, got {_json_type(value)}")
+  return value
+
+
+def _parse_or_error(path: str, line: int, raw: bytes | str) -> dict[str, Any] | DataError:
+  try:
+    return _parse_object(path, line, raw)
+  except DataError as e:
+    return e
+
+
+def _json_type(value: Any) -> str:
+  if value is None:
+    return "null"
+  return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+      type(value), "a number"
+  )
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+  with _open_binary(path) as f:
+    for line_no, raw in enumerate(f, start=1):
+      if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte order mark.
+      if not raw.strip():
+        continue
+      yield line_no, _parse_or_error(path, line_no, raw)
+
+
+def _read_json(path: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+  """A .json file: a JSON array of objects (numbered from 1), or JSON Lines."""
+  with _open_binary(path) as f:
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+  if not head.startswith(b"["):
+    yield from _read_jsonl(path)
+    return
+  with _open_binary(path) as f:
+    data = f.read()
+  try:
+    values = json.loads(data.decode("utf-8-sig"))
+  except UnicodeDecodeError as e:
+    raise DataError(path, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+  if not isinstance(values, list):
+    raise DataError(path, None, "expected a JSON array of objects or JSON Lines")
+  for index, value in enumerate(values, start=1):
+    if not isinstance(value, dict):
+      value = DataError(path, index, f"expected a JSON object, got {_json_type(value)}")
+    yield index, value
+
+
+def _read_parquet(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  try:
+    source = _open_binary(path) if _is_uri(path) else path
+    parquet = pq.ParquetFile(source)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(path, None, f"cannot read Parquet: {e}") from None
+  row = 0
+  try:
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH):
+      for record in batch.to_pylist():
+        row += 1
+        yield row, record
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(path, row + 1, f"cannot read Parquet: {e}") from None
+
+
+def _read_array_record(path: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+  from array_record.python import array_record_module
+
+  if _is_uri(path):
+    raise DataError(path, None, "ArrayRecord files must be on a local or mounted file system")
+  if not os.path.isfile(path):
+    raise DataError(path, None, "cannot open: no such file")
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+  except Exception as e:  # The C++ binding raises RuntimeError / ValueError.
+    raise DataError(path, None, f"cannot read ArrayRecord: {e}") from None
+  try:
+    total = reader.num_records()
+    for start in range(0, total, _ARRAY_RECORD_CHUNK):
+      stop = min(start + _ARRAY_RECORD_CHUNK, total)
+      try:
+        chunk = reader.read(start, stop)
+      except Exception as e:  # Corrupt chunk.
+        raise DataError(path, start + 1, f"cannot read ArrayRecord: {e}") from None
+      for offset, raw in enumerate(chunk):
+        yield start + offset + 1, _parse_or_error(path, start + offset + 1, raw)
+  finally:
+    reader.close()
