@@ -37,7 +37,7 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         ),
-        item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
 
   def latest_step(self) -> int | None:
@@ -75,6 +75,7 @@ class Checkpointer:
     path = f"{self.directory}/{step}"
     try:
       saved = self._manager.item_metadata(step)["state"]
+      saved = getattr(saved, "tree", saved)
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"{path}: not a checkpoint of this program ({e})") from None
     _check_structure(path, saved, target)
