@@ -159,8 +159,12 @@ def _check_globs(key: str, value: str | None) -> None:
       raise ConfigError(key, f"no file matches {pattern!r}")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Checks a config before anything heavy; raises ConfigError naming the first bad key."""
+def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
+  """Checks a config before anything heavy; raises ConfigError naming the first bad key.
+
+  ``check_files=False`` skips the checks of data/model/tokenizer paths (for the AOT compile,
+  which needs only shapes).
+  """
   expected = set(DOCS)
   got = set(flat_keys(c))
   for key in sorted(got - expected):
@@ -175,20 +179,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   if not c.model.hf_checkpoint:
     _choice(c, "model.preset", tuple(presets.PRESETS))
-  for key in ("model.hf_checkpoint", "model.ref_hf_checkpoint"):
-    path = _get(c, key)
-    if path and "://" not in path and not os.path.isfile(os.path.join(path, "config.json")):
-      raise ConfigError(key, f"{path!r} is not a folder with a config.json")
-  _check_globs("data.train_files", c.data.train_files)
-  _check_globs("data.eval_files", c.data.eval_files)
+  if check_files:
+    _check_files(c)
   _choice(c, "data.format", ("auto", "jsonl", "parquet", "array_record"))
   _choice(c, "data.truncation_mode", ("keep_end", "keep_start"))
-  tok = c.data.tokenizer
-  if tok and tok != "byte" and not os.path.exists(tok):
-    raise ConfigError("data.tokenizer", f"{tok!r} does not exist")
-  if not tok and not c.model.hf_checkpoint:
-    raise ConfigError("data.tokenizer", "unset, and no model.hf_checkpoint to take one from (use 'byte' for the "
-                                        "built-in byte tokenizer)")
   for key in ("data.max_length", "data.max_prompt_length", "data.pad_multiple", "data.synthetic_pairs",
               "train.steps", "train.global_batch_size", "train.grad_accum_steps", "train.log_every",
               "train.eval_batch_size", "train.max_nonfinite_steps", "checkpoint.max_to_keep",
@@ -228,6 +222,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     m = re.search(r"DPOConfig\.(\w+)", str(e))
     raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
+
+
+def _check_files(c: ml_collections.ConfigDict) -> None:
+  for key in ("model.hf_checkpoint", "model.ref_hf_checkpoint"):
+    path = _get(c, key)
+    if path and "://" not in path and not os.path.isfile(os.path.join(path, "config.json")):
+      raise ConfigError(key, f"{path!r} is not a folder with a config.json")
+  _check_globs("data.train_files", c.data.train_files)
+  _check_globs("data.eval_files", c.data.eval_files)
+  tok = c.data.tokenizer
+  if tok and tok != "byte" and not os.path.exists(tok):
+    raise ConfigError("data.tokenizer", f"{tok!r} does not exist")
+  if not tok and not c.model.hf_checkpoint:
+    raise ConfigError("data.tokenizer", "unset, and no model.hf_checkpoint to take one from (use 'byte' for the "
+                                        "built-in byte tokenizer)")
 
 
 def dpo_config(c: ml_collections.ConfigDict):

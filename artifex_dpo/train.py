@@ -8,7 +8,6 @@ into exit code 2.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -16,7 +15,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -28,12 +26,11 @@ from artifex_dpo import checkpoint as ckpt_lib
 from artifex_dpo import config as config_lib
 from artifex_dpo import metrics as metrics_lib
 from artifex_dpo import sharding
+from artifex_dpo import state as state_lib
 from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
 from artifex_dpo.data.synthetic import write_synthetic
-from artifex_dpo.models import LlamaModel, config_from_hf, export_hf, forward_flops_per_token, get_preset, load_hf_params
+from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
 from artifex_dpo.models.config import ModelConfig
-from artifex_dpo.trainer import make_loss_fn, make_train_step
-from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
 
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
 # Config keys whose change makes a checkpoint unusable (unless checkpoint.allow_change).
@@ -123,27 +120,6 @@ def _axes(v) -> tuple:
   return tuple(v.get_metadata().get("logical_axes") or ()) if isinstance(v, nnx.Variable) else ()
 
 
-def to_global_batch(local: dict[str, Any], mesh, *, with_pair_mask: bool) -> PreferenceBatch:
-  """Per-process numpy batches -> one global PreferenceBatch sharded over (data, fsdp)."""
-  count = jax.process_count()
-
-  def arr(x):
-    x = np.asarray(x)
-    shape = (x.shape[0] * count, *x.shape[1:])
-    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
-
-  def side(s):
-    return GeneratedSequenceBatch(sequences=arr(local[f"{s}_tokens"]), response_mask=arr(local[f"{s}_response_mask"]),
-                                  segment_ids=arr(local[f"{s}_segment_ids"]))
-
-  return PreferenceBatch(chosen=side("chosen"), rejected=side("rejected"),
-                         pair_mask=arr(local["pair_mask"]) if with_pair_mask else None)
-
-
-def _batch_shardings(batch: PreferenceBatch) -> Any:
-  return jax.tree.map(lambda x: x.sharding, batch)
-
-
 class _Preemption:
   """Turns SIGTERM into a flag that every process agrees on at a step boundary."""
 
@@ -208,43 +184,13 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   mcfg = build_model_config(c, tokenizer)
   dpo_cfg = config_lib.dpo_config(c)
   tx, schedule = build_optimizer(c)
-
-  def create(params=None):
-    model = LlamaModel(mcfg, rngs=nnx.Rngs(c.model.init_seed))
-    if params is not None:
-      nnx.update(model, params)
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  abstract_pair = nnx.eval_shape(create)
-  graphdef, abstract_state = nnx.split(abstract_pair)
-  state_sh = sharding.state_shardings(abstract_state, mesh)
-  abstract_model = abstract_pair[0]
-  param_sh = sharding.state_shardings(nnx.state(abstract_model, nnx.Param), mesh)
-
-  with mesh:
-    loaded = load_hf_params(c.model.hf_checkpoint, abstract_model, param_sh) if c.model.hf_checkpoint else None
-    init = jax.jit(lambda p: nnx.state(create(p)), out_shardings=state_sh)
-    state = init(loaded)
-    del loaded
-
-  ref_graphdef, ref_state = None, None
-  needs_ref = dpo_cfg.needs_reference
   if c.dpo.precompute_ref_logps:
     raise config_lib.ConfigError("dpo.precompute_ref_logps", "not available in the training service yet")
-  if needs_ref:
-    ref_mcfg = dataclasses.replace(mcfg, param_dtype=c.model.ref_dtype)
-    abstract_ref = nnx.eval_shape(lambda: LlamaModel(ref_mcfg, rngs=nnx.Rngs(0)))
-    ref_graphdef, abstract_ref_state = nnx.split(abstract_ref)
-    ref_sh = sharding.state_shardings(abstract_ref_state, mesh)
-    if c.model.ref_hf_checkpoint:
-      ref_state = load_hf_params(c.model.ref_hf_checkpoint, abstract_ref, ref_sh)
-    else:  # the policy's initial weights (a copy: the policy's buffers are donated each step)
-      ref_dtype = jnp.dtype(c.model.ref_dtype)
-      policy_params = lambda s: nnx.state(nnx.merge(graphdef, s)[0], nnx.Param)
-      ref_state = jax.jit(lambda s: jax.tree.map(lambda x: x.astype(ref_dtype), policy_params(s)),
-                          out_shardings=ref_sh)(state)
-  else:
-    ref_sh = None
+  spec = state_lib.build_state_spec(mcfg, tx, mesh, init_seed=c.model.init_seed,
+                                    ref_dtype=c.model.ref_dtype if dpo_cfg.needs_reference else None)
+  state = state_lib.init_state(spec, c.model.hf_checkpoint)
+  # The reference is rebuilt from its source on every start (never saved): before any restore.
+  ref_state = state_lib.init_reference(spec, state, c.model.ref_hf_checkpoint)
 
   # --- Resume ---------------------------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
@@ -256,7 +202,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   if latest is not None:
     saved_meta = checkpointer.read_meta(latest)
     _check_config_change(saved_meta, meta, c, f"{checkpointer.directory}/{latest}")
-    state = checkpointer.restore(latest, abstract_state, state_sh)
+    state = checkpointer.restore(latest, spec.abstract_state, spec.shardings)
     start = int(saved_meta["step"])
     logging.info("resumed from %s/%d", checkpointer.directory, latest)
 
@@ -265,19 +211,16 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
                             start_step=start, num_steps=c.train.steps)
-  step_fn = make_train_step(graphdef, ref_graphdef, dpo_cfg, grad_accum_steps=c.train.grad_accum_steps)
-  eval_fn = make_loss_fn(graphdef, ref_graphdef, dpo_cfg)
   jit_cache: dict[Any, Any] = {}
 
   def compiled(kind, batch):
+    """One compiled step per batch shape (bucketed lengths give a few)."""
     key = (kind, jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
     if key not in jit_cache:
-      b_sh = _batch_shardings(batch)
       if kind == "train":
-        jit_cache[key] = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, b_sh), donate_argnums=(0,),
-                                 out_shardings=(state_sh, None))
+        jit_cache[key] = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
       else:
-        jit_cache[key] = jax.jit(lambda s, r, b: eval_fn(s, r, b)[1], in_shardings=(state_sh, ref_sh, b_sh))
+        jit_cache[key] = state_lib.jit_eval_step(spec, dpo_cfg, batch)
     return jit_cache[key]
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -291,7 +234,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     total_pairs = 0
     for i, local in enumerate(eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(),
                                            jax.process_count(), c.data.pad_multiple, c.data.max_length)):
-      batch = to_global_batch(local, mesh, with_pair_mask=True)
+      batch = state_lib.global_batch(local, mesh, with_pair_mask=True)
       m = jax.device_get(compiled("eval", batch)(state, ref_state, batch))
       real = min(c.train.eval_batch_size, len(eval_ds) - i * c.train.eval_batch_size)
       total_pairs += real
@@ -351,7 +294,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         step = step_index + 1  # steps count optimizer updates from 1
         if profile and step == profile[0]:
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        batch = to_global_batch(local, mesh, with_pair_mask=False)
+        batch = state_lib.global_batch(local, mesh, with_pair_mask=False)
         state, m = compiled("train", batch)(state, ref_state, batch)
         seq_len = batch.chosen.length
         tokens = float(local["global_num_tokens"])
@@ -379,7 +322,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         save(step)
       checkpointer.wait()
       if exit_code == EXIT_OK and c.export.hf:
-        model = nnx.merge(graphdef, state)[0]
+        model = nnx.merge(spec.graphdef, state)[0]
         tok_dir = _tokenizer_dir(c)
         export_hf(model, os.path.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir)
         logging.info("exported the policy to %s", os.path.join(workdir, "export"))

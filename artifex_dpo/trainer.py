@@ -8,7 +8,6 @@ explicit shardings, so there is one implementation of the DPO math.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable
 

@@ -20,6 +20,13 @@ from artifex_dpo.data.formats import (
     tokenize_pairs,
     truncate_pair,
 )
+from artifex_dpo.data.packing import (
+    PACKED_BATCH_ARRAY_KEYS,
+    PackingPlan,
+    default_max_pairs_per_row,
+    make_packed_batch,
+    plan_packing,
+)
 from artifex_dpo.data.pipeline import (
     BATCH_ARRAY_KEYS,
     PreferenceDataset,
@@ -39,6 +46,8 @@ from artifex_dpo.data.tokenizer import Tokenizer, load_tokenizer
 __all__ = [
     "BATCH_ARRAY_KEYS",
     "DataError",
+    "PACKED_BATCH_ARRAY_KEYS",
+    "PackingPlan",
     "PreferenceDataset",
     "PreferenceLoader",
     "TokenizedPair",
@@ -46,6 +55,7 @@ __all__ = [
     "TruncationSettings",
     "batch_indices",
     "build_datasets",
+    "default_max_pairs_per_row",
     "detect_record_format",
     "eval_batches",
     "eval_split",
@@ -54,8 +64,10 @@ __all__ = [
     "global_order",
     "load_tokenizer",
     "make_batch",
+    "make_packed_batch",
     "pad_length",
     "parse_record",
+    "plan_packing",
     "read_records",
     "record_to_pair",
     "tokenize_pairs",

@@ -22,6 +22,12 @@ response token, i.e. scored as predicted from the token before it; position 0 ne
 ``pair_mask`` int32 [b] (0 for the filler rows of a last, partial eval batch). Python ints
 ``num_tokens`` (this batch's non-padding tokens, chosen + rejected) and
 ``global_num_tokens`` (the same for the whole global batch) ride along.
+
+With ``packing`` (see `artifex_dpo.data.packing`), whole pairs are packed into rows of
+``row_length`` tokens by a plan made once from the token lengths; the loader then orders,
+shuffles and slices ROWS exactly as above (``global_batch_size`` counts rows) and yields the
+packed layout (``tokens``, ``segment_ids``, ``response_mask`` [r, L], ``pair_mask`` [r, K],
+``num_tokens``, ``num_pairs``) plus ``global_num_tokens`` and ``global_num_pairs``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from artifex_dpo.data.errors import DataError
+from artifex_dpo.data.packing import PackingPlan, default_max_pairs_per_row, make_packed_batch, plan_packing
 from artifex_dpo.data.formats import (
     PairTexts,
     TokenizedPair,
@@ -473,6 +480,11 @@ class PreferenceLoader:
     num_steps: Stop before this step; None: endless.
     num_threads: Grain threads preparing batches.
     prefetch: Batches prepared ahead.
+    packing: Pack whole pairs into rows (``global_batch_size`` then counts rows per step;
+      ``pad_multiple`` is ignored).
+    row_length: Tokens per packed row; None: ``2 * max_length``.
+    max_pairs_per_row: Cap on pairs per packed row; None: ``row_length // 32`` (at least 1).
+    plan: A ready packing plan of ``dataset`` (None: made here from the lengths).
   """
 
   def __init__(
@@ -489,6 +501,10 @@ class PreferenceLoader:
       num_steps: int | None = None,
       num_threads: int = 2,
       prefetch: int = 4,
+      packing: bool = False,
+      row_length: int | None = None,
+      max_pairs_per_row: int | None = None,
+      plan: PackingPlan | None = None,
   ):
     if len(dataset) == 0:
       raise DataError(None, None, "empty dataset")
@@ -506,6 +522,10 @@ class PreferenceLoader:
       raise DataError(
           "data.max_length", None, f"{self.max_length} is shorter than the dataset's longest pair ({longest})"
       )
+    self.packing = bool(packing)
+    self.plan = None
+    if self.packing:
+      self.plan = _packing_plan(dataset, self.max_length, row_length, max_pairs_per_row, plan)
     self.num_steps = num_steps
     self._num_threads, self._prefetch = int(num_threads), int(prefetch)
     self._position = int(start_step)
@@ -517,21 +537,31 @@ class PreferenceLoader:
     return self._position
 
   @property
+  def num_examples(self) -> int:
+    """What the global order shuffles: pairs, or packed rows with packing."""
+    return self.plan.num_rows if self.plan is not None else len(self.dataset)
+
+  @property
   def steps_per_epoch(self) -> float:
     """Global steps per pass over the data."""
-    return len(self.dataset) / self.global_batch_size
+    return self.num_examples / self.global_batch_size
 
   def global_indices(self, step: int) -> np.ndarray:
-    """Dataset indices of the whole global batch of ``step``."""
-    return global_batch_indices(step, self.global_batch_size, len(self.dataset), self.seed, self.shuffle)
+    """Dataset indices (plan row ids with packing) of the whole global batch of ``step``."""
+    return global_batch_indices(step, self.global_batch_size, self.num_examples, self.seed, self.shuffle)
 
   def batch_indices(self, step: int) -> np.ndarray:
-    """Dataset indices this process loads for ``step``."""
+    """Dataset indices (plan row ids with packing) this process loads for ``step``."""
     return self.global_indices(step)[self._slice]
 
   def load(self, step: int) -> dict[str, Any]:
     """Builds this process's batch of ``step`` (what the iterator yields, without prefetch)."""
     g = self.global_indices(step)
+    if self.plan is not None:
+      batch = make_packed_batch(self.dataset, self.plan, g[self._slice])
+      batch["global_num_tokens"] = int(self.plan.row_tokens[g].sum())
+      batch["global_num_pairs"] = int(self.plan.row_sizes[g].sum())
+      return batch
     lengths = self.dataset.lengths[g]
     length = pad_length(int(lengths.max()), self.max_length, self.pad_multiple)
     batch = make_batch(self.dataset, g[self._slice], length)
@@ -565,6 +595,27 @@ class PreferenceLoader:
     self._position = int(step)
 
 
+def _packing_plan(
+    dataset: PreferenceDataset,
+    max_length: int,
+    row_length: int | None,
+    max_pairs_per_row: int | None,
+    plan: PackingPlan | None,
+) -> PackingPlan:
+  """The given plan (checked against the settings) or a new one from the dataset's lengths."""
+  if plan is not None:
+    if plan.num_pairs != len(dataset):
+      raise ValueError(f"packing plan of {plan.num_pairs} pairs for a dataset of {len(dataset)}")
+    if row_length is not None and int(row_length) != plan.row_length:
+      raise ValueError(f"row_length={row_length} differs from the plan's {plan.row_length}")
+    if max_pairs_per_row is not None and int(max_pairs_per_row) != plan.max_pairs_per_row:
+      raise ValueError(f"max_pairs_per_row={max_pairs_per_row} differs from the plan's {plan.max_pairs_per_row}")
+    return plan
+  length = int(row_length) if row_length is not None else 2 * int(max_length)
+  pairs = int(max_pairs_per_row) if max_pairs_per_row is not None else default_max_pairs_per_row(length)
+  return plan_packing(dataset.lengths, length, pairs)
+
+
 def eval_batches(
     dataset: PreferenceDataset,
     global_batch_size: int,
@@ -572,15 +623,33 @@ def eval_batches(
     process_count: int = 1,
     pad_multiple: int | None = None,
     max_length: int | None = None,
+    packing: bool = False,
+    row_length: int | None = None,
+    max_pairs_per_row: int | None = None,
+    plan: PackingPlan | None = None,
 ) -> Iterator[dict[str, Any]]:
   """Every pair once, in order, in global batches; this process's slice of each.
 
   The last global batch is filled up with empty rows whose ``pair_mask`` is 0, so every
   batch has the same number of rows. Padding follows the same policy as `PreferenceLoader`.
+  With ``packing`` (arguments as for `PreferenceLoader`), the batches hold the plan's rows
+  in plan order (``global_batch_size`` rows each), filled up with all-padding rows, and
+  carry ``global_num_tokens`` and ``global_num_pairs``.
   """
   n = len(dataset)
   sl = process_slice(global_batch_size, process_index, process_count)
   cap = max_length if max_length is not None else dataset.max_sequence_length
+  if packing:
+    plan = _packing_plan(dataset, cap, row_length, max_pairs_per_row, plan)
+    for start in range(0, plan.num_rows, global_batch_size):
+      g = np.arange(start, start + global_batch_size, dtype=np.int64)
+      g = np.where(g < plan.num_rows, g, -1)
+      real = g[g >= 0]
+      batch = make_packed_batch(dataset, plan, g[sl])
+      batch["global_num_tokens"] = int(plan.row_tokens[real].sum())
+      batch["global_num_pairs"] = int(plan.row_sizes[real].sum())
+      yield batch
+    return
   for start in range(0, n, global_batch_size):
     g = np.arange(start, start + global_batch_size, dtype=np.int64)
     real = (g < n).astype(np.int32)

@@ -1,0 +1,134 @@
+"""Compile the real train step for a TPU slice on any machine: does a preset fit, and how fast can it go?
+
+    python -m artifex_dpo.aot --config=configs/llama3_8b_v5p32.py --topology=v5p:2x2x4 [--num_slices=N]
+
+Needs ``libtpu`` (``pip install '.[tpu]'``), no TPU. Builds the configured mesh over the
+topology's devices, the abstract sharded state (policy, optimizer, reference) and the train step
+exactly as the training run does, compiles it with XLA's TPU compiler, and prints one JSON line:
+``topology``, ``devices``, ``per_device_bytes`` (arguments + temporaries + outputs - aliased),
+``hbm_bytes`` of that chip, ``fits``, ``flops_per_device`` (XLA's cost analysis),
+``model_flops_per_step`` (ours, analytic) and ``roofline_step_s`` (a lower bound on the step time
+from the chip's peak FLOP/s and HBM bandwidth). Exit code 2 on a bad config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+# libtpu looks for TPU hosts at start-up; on a machine without TPUs these quiet it down.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5p:2x2x4 (v5p-32) or v5e:4x4 (v5e-16).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN).")
+
+GIB = 1024**3
+# Per chip: HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s (Google Cloud TPU docs).
+CHIPS = {
+    "v4": (32 * GIB, 275e12, 1228e9),
+    "v5e": (16 * GIB, 197e12, 819e9),
+    "v5p": (95 * GIB, 459e12, 2765e9),
+    "v6e": (32 * GIB, 918e12, 1640e9),
+}
+
+
+def chip_of(topology: str) -> str:
+  name = topology.split(":")[0].lower()
+  name = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}.get(name, name)
+  if name not in CHIPS:
+    raise ValueError(f"--topology {topology!r}: unknown TPU generation; known: {', '.join(CHIPS)}")
+  return name
+
+
+def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
+  """Compiles the configured train step for ``topology`` and returns the report (see module doc)."""
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.replace(":", "-"))
+  import jax
+  from jax.experimental import topologies
+
+  from artifex_dpo import config as config_lib
+  from artifex_dpo import sharding
+  from artifex_dpo import state as state_lib
+  from artifex_dpo.models import forward_flops_per_token, get_preset
+  from artifex_dpo.train import build_optimizer
+
+  chip = chip_of(topology)
+  hbm, peak, bandwidth = CHIPS[chip]
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices)
+  devices = list(topo.devices)
+  try:
+    mesh = sharding.make_mesh(c.mesh, devices=devices)
+  except sharding.MeshError as e:
+    raise config_lib.ConfigError("mesh", str(e)) from None
+  kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  if c.model.hf_checkpoint:
+    from artifex_dpo.models import config_from_hf
+    mcfg = config_from_hf(c.model.hf_checkpoint, **kw)
+  else:
+    mcfg = get_preset(c.model.preset, **kw)
+  dpo_cfg = config_lib.dpo_config(c)
+  tx, _ = build_optimizer(c)
+  keep_ref = dpo_cfg.needs_reference and not c.dpo.precompute_ref_logps
+  spec = state_lib.build_state_spec(mcfg, tx, mesh, init_seed=c.model.init_seed,
+                                    ref_dtype=c.model.ref_dtype if keep_ref else None)
+  length = c.data.max_length
+  batch = state_lib.abstract_batch(mesh, c.train.global_batch_size, length)
+  step = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
+  with_sharding = lambda tree, sh: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+  state = with_sharding(spec.abstract_state, spec.shardings)
+  ref = with_sharding(spec.abstract_ref, spec.ref_shardings) if keep_ref else None
+  t0 = time.time()
+  compiled = step.lower(state, ref, batch).compile()
+  compile_s = time.time() - t0
+  mem = compiled.memory_analysis()
+  per_device = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_device = float(cost.get("flops", 0.0))
+  bytes_per_device = float(cost.get("bytes accessed", 0.0))
+  tokens = 2 * c.train.global_batch_size * length
+  model_flops = tokens * forward_flops_per_token(mcfg, length) * (3.0 + (1.0 if keep_ref else 0.0))
+  roofline = max(model_flops / (peak * len(devices)), flops_per_device / peak, bytes_per_device / bandwidth)
+  return {
+      "topology": topology,
+      "num_slices": num_slices,
+      "devices": len(devices),
+      "mesh": dict(mesh.shape),
+      "per_device_bytes": int(per_device),
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+      "hbm_bytes": hbm,
+      "fits": bool(per_device <= hbm),
+      "flops_per_device": flops_per_device,
+      "model_flops_per_step": model_flops,
+      "tokens_per_step": tokens,
+      "roofline_step_s": roofline,
+      "compile_s": round(compile_s, 1),
+  }
+
+
+def main(argv):
+  del argv
+  from artifex_dpo import config as config_lib
+
+  c = _CONFIG.value
+  try:
+    config_lib.validate(c, check_files=False)
+    report = compile_for_topology(c, _TOPOLOGY.value, _NUM_SLICES.value)
+  except (config_lib.ConfigError, ValueError) as e:
+    print(f"artifex_dpo.aot: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(report, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

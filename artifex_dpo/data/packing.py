@@ -1,0 +1,277 @@
+"""Packing of whole preference pairs into fixed-length rows (padding-free batches).
+
+A packed row of ``row_length`` tokens holds several whole pairs. The ``j``-th pair of a row
+(``j = 0, 1, ...``) contributes its chosen sequence (prompt + chosen response) with segment
+id ``2*j + 1``, immediately followed by its rejected sequence (prompt + rejected response)
+with segment id ``2*j + 2``; the rest of the row is padding (segment id 0, right padding
+only). Inside jit a token's slot in its row is ``(seg - 1) // 2`` and its side
+``(seg - 1) % 2`` (0 chosen, 1 rejected). A row holds at most ``max_pairs_per_row`` pairs.
+
+`plan_packing` assigns pairs to rows once, from the token lengths only (first-fit
+decreasing), so every process and every resumed run sees the same rows; the loader then
+shuffles and batches ROWS exactly as it does pairs without packing.
+
+Packed batch layout (numpy, ``r`` = rows, ``L`` = row length, ``K`` = max pairs per row):
+``tokens`` int32 [r, L] (pad id after the last segment), ``segment_ids`` int32 [r, L] (as
+above), ``response_mask`` int32 [r, L] (1 at response tokens, scored as predicted from the
+token before; the first token of every segment never is), ``pair_mask`` int32 [r, K] (1
+for the slots holding a pair), and python ints ``num_tokens`` (non-padding tokens) and
+``num_pairs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from artifex_dpo.data.errors import DataError
+
+if TYPE_CHECKING:
+  from artifex_dpo.data.pipeline import PreferenceDataset
+
+PACKED_BATCH_ARRAY_KEYS = ("tokens", "segment_ids", "response_mask", "pair_mask")
+TOKENS_PER_PAIR_SLOT = 32
+
+
+def default_max_pairs_per_row(row_length: int) -> int:
+  """The default cap on pairs per row: one per ``TOKENS_PER_PAIR_SLOT`` tokens (at least 1)."""
+  return max(1, int(row_length) // TOKENS_PER_PAIR_SLOT)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingPlan:
+  """Which pairs go into which packed row.
+
+  Row ``i`` holds the pairs ``pair_indices[row_offsets[i]:row_offsets[i + 1]]``, in that
+  order (slot 0 first).
+
+  Attributes:
+    row_offsets: int64 [num_rows + 1], starts of the rows in ``pair_indices``.
+    pair_indices: int64 [N], every pair index exactly once.
+    row_tokens: int64 [num_rows], non-padding tokens of each row.
+    row_length: Tokens per row.
+    max_pairs_per_row: Cap on pairs per row.
+    fill: Fraction of non-padding tokens over all rows (0 for an empty plan).
+  """
+
+  row_offsets: np.ndarray
+  pair_indices: np.ndarray
+  row_tokens: np.ndarray
+  row_length: int
+  max_pairs_per_row: int
+  fill: float
+
+  @property
+  def num_rows(self) -> int:
+    """Number of packed rows."""
+    return len(self.row_offsets) - 1
+
+  @property
+  def num_pairs(self) -> int:
+    """Number of pairs in the plan."""
+    return len(self.pair_indices)
+
+  @property
+  def row_sizes(self) -> np.ndarray:
+    """int64 [num_rows]: pairs in each row."""
+    return np.diff(self.row_offsets)
+
+  def row(self, i: int) -> np.ndarray:
+    """The pair indices of row ``i`` (slot order)."""
+    if not 0 <= i < self.num_rows:
+      raise IndexError(f"row {i} out of range [0, {self.num_rows})")
+    return self.pair_indices[self.row_offsets[i] : self.row_offsets[i + 1]]
+
+  def __len__(self) -> int:
+    return self.num_rows
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+  a.flags.writeable = False
+  return a
+
+
+def plan_packing(lengths: np.ndarray, row_length: int, max_pairs_per_row: int) -> PackingPlan:
+  """First-fit-decreasing packing of pairs into rows (a pure function of its arguments).
+
+  Pairs are taken by decreasing total length (chosen + rejected; ties by index) and each
+  goes into the first (lowest-numbered) open row with room for its tokens and fewer than
+  ``max_pairs_per_row`` pairs, or else opens a new row. Rows are numbered in opening order
+  and keep their pairs in insertion order.
+
+  Args:
+    lengths: int [N, 2]: sequence lengths (prompt + response) of chosen and rejected.
+    row_length: Tokens per row.
+    max_pairs_per_row: Cap on pairs per row.
+
+  Returns:
+    The plan.
+
+  Raises:
+    DataError: A pair does not fit in one row, or a bad setting.
+  """
+  lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
+  row_length, cap = int(row_length), int(max_pairs_per_row)
+  if row_length <= 0:
+    raise DataError("data.pack_row_length", None, f"must be positive, got {row_length}")
+  if cap <= 0:
+    raise DataError("data.max_pairs_per_row", None, f"must be positive, got {cap}")
+  if (lengths < 0).any():
+    raise ValueError("negative sequence length")
+  totals = lengths.sum(axis=1)
+  n = len(totals)
+  too_long = np.flatnonzero(totals > row_length)
+  if len(too_long):
+    i = int(too_long[0])
+    raise DataError(
+        "data.max_length",
+        None,
+        f"pair {i} has {int(lengths[i, 0])} + {int(lengths[i, 1])} = {int(totals[i])} tokens "
+        f"(chosen + rejected), more than the packed row length {row_length} "
+        f"({len(too_long)} such pairs)",
+    )
+  if n == 0:
+    empty = np.zeros((0,), np.int64)
+    return PackingPlan(_readonly(np.zeros((1,), np.int64)), _readonly(empty), _readonly(empty.copy()),
+                       row_length, cap, 0.0)
+
+  order = np.lexsort((np.arange(n), -totals))  # Decreasing total, ties by index.
+  sizes = totals[order]
+  bins = np.empty(n, np.int64)
+
+  # Pairs longer than half a row never share a row with each other: each opens the next row.
+  big = int(np.count_nonzero(2 * sizes > row_length))
+  bins[:big] = np.arange(big)
+
+  # Segment tree over (at most n) rows of the room left, -1 once a row holds `cap` pairs;
+  # unopened rows have the full room, so the leftmost fit is an open row or the next new one.
+  size = 1
+  while size < n:
+    size *= 2
+  room = np.full(size, row_length, np.int64)
+  room[:big] = -1 if cap == 1 else row_length - sizes[:big]
+  tree = np.empty(2 * size, np.int64)
+  tree[size:] = room
+  level = size
+  while level > 1:
+    tree[level // 2 : level] = np.maximum(tree[level : 2 * level : 2], tree[level + 1 : 2 * level : 2])
+    level //= 2
+  t = tree.tolist()
+  counts = [0] * size
+  for k in range(big):
+    counts[k] = 1
+  for k, s in enumerate(sizes[big:].tolist(), start=big):
+    i = 1
+    while i < size:
+      i *= 2
+      if t[i] < s:
+        i += 1
+    b = i - size
+    bins[k] = b
+    counts[b] += 1
+    t[i] = -1 if counts[b] >= cap else t[i] - s
+    i //= 2
+    while i:
+      m = t[2 * i] if t[2 * i] >= t[2 * i + 1] else t[2 * i + 1]
+      if t[i] == m:
+        break
+      t[i] = m
+      i //= 2
+
+  by_row = np.argsort(bins, kind="stable")  # Rows in opening order, pairs in insertion order.
+  num_rows = int(bins.max()) + 1
+  row_sizes = np.bincount(bins, minlength=num_rows)
+  row_offsets = np.concatenate([[0], np.cumsum(row_sizes)]).astype(np.int64)
+  row_tokens = np.bincount(bins, weights=sizes, minlength=num_rows).astype(np.int64)
+  fill = float(totals.sum()) / float(num_rows * row_length)
+  return PackingPlan(
+      row_offsets=_readonly(row_offsets),
+      pair_indices=_readonly(order[by_row].astype(np.int64)),
+      row_tokens=_readonly(row_tokens),
+      row_length=row_length,
+      max_pairs_per_row=cap,
+      fill=fill,
+  )
+
+
+def make_packed_batch(
+    dataset: PreferenceDataset,
+    plan: PackingPlan,
+    row_ids: Sequence[int] | np.ndarray,
+    row_length: int | None = None,
+    max_pairs_per_row: int | None = None,
+) -> dict[str, Any]:
+  """Builds the packed numpy batch of the given rows (layout: see the module docstring).
+
+  Args:
+    dataset: The dataset the plan was made for.
+    plan: The packing plan.
+    row_ids: Plan rows to build, in batch order; a negative id gives an empty row (all
+      padding), e.g. the filler rows of a last, partial eval batch.
+    row_length: Row length L of the batch (default: the plan's); every row must fit.
+    max_pairs_per_row: Slots K of ``pair_mask`` (default: the plan's); every row must fit.
+
+  Returns:
+    The batch dict.
+  """
+  L = plan.row_length if row_length is None else int(row_length)
+  K = plan.max_pairs_per_row if max_pairs_per_row is None else int(max_pairs_per_row)
+  row_ids = np.asarray(row_ids, dtype=np.int64).reshape(-1)
+  r = len(row_ids)
+  if (row_ids >= plan.num_rows).any():
+    raise IndexError(f"row id out of range [0, {plan.num_rows}): {row_ids.max()}")
+  real = row_ids >= 0
+  counts = np.zeros(r, np.int64)
+  counts[real] = plan.row_sizes[row_ids[real]]
+  if r and counts.max() > K:
+    raise ValueError(f"a row holds {counts.max()} pairs, more than max_pairs_per_row={K}")
+
+  # The pairs of the rows, in row then slot order.
+  first = np.zeros(r, np.int64)
+  first[real] = plan.row_offsets[row_ids[real]]
+  num_pairs = int(counts.sum())
+  before = np.cumsum(counts) - counts
+  pair_row = np.repeat(np.arange(r, dtype=np.int64), counts)
+  slot = np.arange(num_pairs, dtype=np.int64) - before[pair_row]
+  pairs = plan.pair_indices[first[pair_row] + slot]
+
+  # Four pieces per pair: prompt, chosen response, prompt, rejected response.
+  o = dataset.offsets[pairs]
+  src_start = np.stack([o[:, 0], o[:, 1], o[:, 0], o[:, 2]], axis=1).reshape(-1)
+  piece_len = np.stack([o[:, 1] - o[:, 0], o[:, 2] - o[:, 1], o[:, 1] - o[:, 0], o[:, 3] - o[:, 2]],
+                       axis=1).reshape(-1)
+  seg = (2 * slot[:, None] + np.array([1, 1, 2, 2], np.int64)).reshape(-1)
+  is_resp = np.tile(np.array([0, 1, 0, 1], np.int32), num_pairs)
+  piece_row = np.repeat(pair_row, 4)
+  row_total = np.bincount(piece_row, weights=piece_len, minlength=r).astype(np.int64)
+  if r and row_total.max() > L:
+    raise ValueError(f"a row holds {row_total.max()} tokens, more than the row length {L}")
+  # Each row is a contiguous run of the flat stream of its pieces, from the row's start.
+  excl = np.cumsum(piece_len) - piece_len  # Start of each piece in the stream.
+  n_tok = int(piece_len.sum())
+  src = np.repeat(src_start - excl, piece_len) + np.arange(n_tok, dtype=np.int64)
+  stream_resp = np.repeat(is_resp, piece_len)
+  # The first token of each (non-empty) sequence has nothing before it to be predicted from.
+  seq_start = excl.reshape(-1, 2)[:, 0]  # Prompt pieces start the sequences.
+  seq_len = piece_len.reshape(-1, 2).sum(axis=1)
+  stream_resp[seq_start[seq_len > 0]] = 0
+  real_tokens = np.arange(L, dtype=np.int64)[None, :] < row_total[:, None]  # Row-major = stream order.
+  tokens = np.full((r, L), dataset.pad_id, np.int32)
+  segment_ids = np.zeros((r, L), np.int32)
+  response = np.zeros((r, L), np.int32)
+  tokens[real_tokens] = dataset.tokens[src]
+  segment_ids[real_tokens] = np.repeat(seg.astype(np.int32), piece_len)
+  response[real_tokens] = stream_resp
+  pair_mask = np.zeros((r, K), np.int32)
+  pair_mask[pair_row, slot] = 1
+  return {
+      "tokens": tokens,
+      "segment_ids": segment_ids,
+      "response_mask": response,
+      "pair_mask": pair_mask,
+      "num_tokens": n_tok,
+      "num_pairs": num_pairs,
+  }

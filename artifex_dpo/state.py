@@ -1,0 +1,161 @@
+"""The sharded training state: policy + optimizer, the frozen reference, and the compiled step.
+
+Everything is described abstractly first (``nnx.eval_shape``: shapes, dtypes, shardings, no
+memory), so the same description serves the training run, which materialises the arrays
+directly sharded with one ``jax.jit(..., out_shardings=...)`` (no host ever holds the whole
+model), and the ahead-of-time compile for a TPU topology, which never materialises anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from artifex_dpo import sharding
+from artifex_dpo.dpo_config import DPOConfig
+from artifex_dpo.models import LlamaModel, load_hf_params
+from artifex_dpo.models.config import ModelConfig
+from artifex_dpo.trainer import make_loss_fn, make_train_step
+from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
+
+
+@dataclasses.dataclass
+class StateSpec:
+  """Abstract description of the training state on a mesh.
+
+  Attributes:
+    graphdef: graph definition of ``(policy, optimizer)``.
+    abstract_state: its state, as ShapeDtypeStructs.
+    shardings: NamedShardings of ``abstract_state``.
+    ref_graphdef: graph definition of the reference model (None: no reference in memory).
+    abstract_ref: the reference's parameters, abstract (None without reference).
+    ref_shardings: their NamedShardings (None without reference).
+  """
+
+  mesh: Mesh
+  model_config: ModelConfig
+  tx: optax.GradientTransformation
+  init_seed: int
+  graphdef: Any
+  abstract_state: Any
+  shardings: Any
+  ref_graphdef: Any = None
+  abstract_ref: Any = None
+  ref_shardings: Any = None
+
+  def create(self, params: Any = None) -> tuple[LlamaModel, nnx.Optimizer]:
+    """Builds (policy, optimizer) inside a trace; ``params`` replace the random initial weights."""
+    model = LlamaModel(self.model_config, rngs=nnx.Rngs(self.init_seed))
+    if params is not None:
+      nnx.update(model, params)
+    return model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+
+
+def build_state_spec(model_config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
+                     init_seed: int = 0, ref_dtype: str | None = None) -> StateSpec:
+  """Describes the state; ``ref_dtype`` None means no reference model is kept in memory."""
+  spec = StateSpec(mesh=mesh, model_config=model_config, tx=tx, init_seed=init_seed, graphdef=None,
+                   abstract_state=None, shardings=None)
+  spec.graphdef, spec.abstract_state = nnx.split(nnx.eval_shape(spec.create))
+  spec.shardings = sharding.state_shardings(spec.abstract_state, mesh)
+  if ref_dtype is not None:
+    ref_config = dataclasses.replace(model_config, param_dtype=ref_dtype)
+    spec.ref_graphdef, spec.abstract_ref = nnx.split(nnx.eval_shape(lambda: LlamaModel(ref_config, rngs=nnx.Rngs(0))))
+    spec.ref_shardings = sharding.state_shardings(spec.abstract_ref, mesh)
+  return spec
+
+
+def _abstract_policy(spec: StateSpec) -> LlamaModel:
+  return nnx.eval_shape(lambda: spec.create()[0])
+
+
+def init_state(spec: StateSpec, hf_checkpoint: str | None = None) -> nnx.State:
+  """Materialises (policy, optimizer) directly sharded: random init, or the HF checkpoint's weights.
+
+  A checkpoint is read shard by shard (each process reads only the slices of its devices).
+  """
+  loaded = None
+  if hf_checkpoint:
+    abstract_model = _abstract_policy(spec)
+    param_sh = sharding.state_shardings(nnx.state(abstract_model, nnx.Param), spec.mesh)
+    loaded = load_hf_params(hf_checkpoint, abstract_model, param_sh)
+  with spec.mesh:
+    return jax.jit(lambda p: nnx.state(spec.create(p)), out_shardings=spec.shardings)(loaded)
+
+
+def init_reference(spec: StateSpec, state: nnx.State, ref_hf_checkpoint: str | None = None) -> nnx.State | None:
+  """The frozen reference: an HF checkpoint, or a copy of the policy's current weights in ref dtype."""
+  if spec.ref_graphdef is None:
+    return None
+  if ref_hf_checkpoint:
+    abstract_ref = nnx.merge(spec.ref_graphdef, spec.abstract_ref)
+    return load_hf_params(ref_hf_checkpoint, abstract_ref, spec.ref_shardings)
+  dtypes = jax.tree.map(lambda a: a.dtype, spec.abstract_ref)
+
+  def copy(s):  # a new buffer: the policy's buffers are donated to every step
+    params = nnx.state(nnx.merge(spec.graphdef, s)[0], nnx.Param)
+    return jax.tree.map(lambda x, d: x.astype(d), params, dtypes)
+
+  with spec.mesh:
+    return jax.jit(copy, out_shardings=spec.ref_shardings)(state)
+
+
+def abstract_batch(mesh: Mesh, global_batch: int, chosen_len: int, rejected_len: int | None = None,
+                   with_pair_mask: bool = False) -> PreferenceBatch:
+  """A PreferenceBatch of ShapeDtypeStructs sharded like the real batches (for AOT compiles)."""
+  rejected_len = chosen_len if rejected_len is None else rejected_len
+
+  def arr(shape, dtype=jnp.int32):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+  def side(length):
+    shape = (global_batch, length)
+    return GeneratedSequenceBatch(sequences=arr(shape), response_mask=arr(shape), segment_ids=arr(shape))
+
+  return PreferenceBatch(chosen=side(chosen_len), rejected=side(rejected_len),
+                         pair_mask=arr((global_batch,)) if with_pair_mask else None)
+
+
+def batch_shardings(batch: PreferenceBatch) -> Any:
+  return jax.tree.map(lambda x: x.sharding, batch)
+
+
+def jit_train_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch, *,
+                   grad_accum_steps: int = 1) -> Callable:
+  """The train step as one ``jax.jit`` with explicit shardings and the state donated."""
+  step = make_train_step(spec.graphdef, spec.ref_graphdef, config, grad_accum_steps=grad_accum_steps)
+  replicated = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch)),
+                 out_shardings=(spec.shardings, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch) -> Callable:
+  """``(state, ref_state, batch) -> metrics`` as one ``jax.jit`` with explicit shardings."""
+  loss_fn = make_loss_fn(spec.graphdef, spec.ref_graphdef, config)
+  replicated = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(lambda s, r, b: loss_fn(s, r, b)[1],
+                 in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch)), out_shardings=replicated)
+
+
+def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool) -> PreferenceBatch:
+  """Per-process numpy batches -> one global PreferenceBatch sharded over (data, fsdp)."""
+  count = jax.process_count()
+
+  def arr(x):
+    x = np.asarray(x)
+    shape = (x.shape[0] * count, *x.shape[1:])
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
+
+  def side(s):
+    return GeneratedSequenceBatch(sequences=arr(local[f"{s}_tokens"]), response_mask=arr(local[f"{s}_response_mask"]),
+                                  segment_ids=arr(local[f"{s}_segment_ids"]))
+
+  return PreferenceBatch(chosen=side("chosen"), rejected=side("rejected"),
+                         pair_mask=arr(local["pair_mask"]) if with_pair_mask else None)
