@@ -62,8 +62,8 @@ def init_distributed() -> None:
   if any(v is not None for v in manual):
     if any(v is None for v in manual):
       _fail("--coordinator_address, --num_processes and --process_id must be given together")
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU hosts go through gloo (TPU/GPU use their own fabric).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   elif any(k in os.environ for k in _CLUSTER_ENV) or _multi_host_tpu() or int(os.environ.get("SLURM_NTASKS", "1")) > 1:

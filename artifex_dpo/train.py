@@ -287,7 +287,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
       return False
     return True
 
-  step = start
+  step, pairs_read = start, 0
   try:
     with mesh:
       for step_index, local in loader:
@@ -295,6 +295,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         if profile and step == profile[0]:
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
         batch = state_lib.global_batch(local, mesh, with_pair_mask=False)
+        pairs_read += len(local["chosen_tokens"])
         state, m = compiled("train", batch)(state, ref_state, batch)
         seq_len = batch.chosen.length
         tokens = float(local["global_num_tokens"])
@@ -326,6 +327,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         tok_dir = _tokenizer_dir(c)
         export_hf(model, os.path.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir)
         logging.info("exported the policy to %s", os.path.join(workdir, "export"))
+      logging.info("process %d of %d read %d training pairs", jax.process_index(), jax.process_count(), pairs_read)
   finally:
     preemption.restore()
     checkpointer.close()
