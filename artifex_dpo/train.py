@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -121,33 +120,31 @@ def _axes(v) -> tuple:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag that every process agrees on at a step boundary."""
+  """SIGTERM (GKE / TPU maintenance) -> every process stops at the same step.
+
+  Multi-host: JAX's preemption sync point (the coordination service catches SIGTERM and all
+  processes agree on the first step boundary after it). A single process has no coordination
+  service (``reached_preemption_sync_point`` would return False), so it catches SIGTERM itself.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    # Multi-host: JAX's preemption sync point makes every process stop at the same step
-    # (it only works with jax.distributed initialised; a single process uses its own flag).
     if jax.process_count() > 1:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step) or self._agree(self.requested)
-      except RuntimeError:
-        return self._agree(self.requested)
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
-  @staticmethod
-  def _agree(flag: bool) -> bool:
-    # Every process must take the same decision: stop if any process got the signal.
-    return bool(np.max(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
-
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,7 +165,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
                len(train_ds), len(eval_ds) if eval_ds else 0, train_ds.num_skipped_invalid,
                train_ds.num_dropped_truncated)
   counters = {"data/skipped_invalid": train_ds.num_skipped_invalid,
-              "data/dropped_truncated": train_ds.num_dropped_truncated}
+              "data/dropped_truncated": train_ds.num_dropped_truncated, "train/nonfinite_steps": 0}
 
   # --- Mesh, model, optimizer, reference ----------------------------------------------------
   try:
@@ -204,6 +201,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     _check_config_change(saved_meta, meta, c, f"{checkpointer.directory}/{latest}")
     state = checkpointer.restore(latest, spec.abstract_state, spec.shardings)
     start = int(saved_meta["step"])
+    counters["train/nonfinite_steps"] = int(saved_meta.get("counters", {}).get("train/nonfinite_steps", 0))
     logging.info("resumed from %s/%d", checkpointer.directory, latest)
 
   # --- Compile --------------------------------------------------------------------------------
@@ -248,7 +246,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
                    row["eval/rewards/accuracies"], row["eval/rewards/margins"])
 
   def save(step: int) -> None:
-    checkpointer.save(step, state, dict(meta, step=step))
+    # A collective: every process calls it for the same step (the decision depends only on the
+    # step number and on the preemption sync point, which all processes agree on).
+    checkpointer.save(step, state, dict(meta, step=step, counters=counters))
 
   # --- Loop -----------------------------------------------------------------------------------
   preemption = _Preemption()
@@ -263,7 +263,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     """Host-side bookkeeping of a finished step; False when the run must stop (diverged)."""
     nonlocal nonfinite_run, last_log_time, interval_tokens, interval_flops, interval_steps
     m = jax.device_get(m)
-    counters["train/nonfinite_steps"] = counters.get("train/nonfinite_steps", 0) + int(m["nonfinite"])
+    counters["train/nonfinite_steps"] += int(m["nonfinite"])
     nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
     interval_tokens += tokens
     interval_flops += flops
@@ -301,21 +301,32 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         tokens = float(local["global_num_tokens"])
         flops = tokens * forward_flops_per_token(mcfg, seq_len) * (3.0 + ref_forward)
         steps_done += 1
+        # The previous step's metrics are fetched only now, so the device always has work queued.
         if pending is not None and not finish_step(*pending):
           exit_code = EXIT_DIVERGED
           break
         pending = (step, m, tokens, flops)
         if profile and step == profile[1]:
           jax.profiler.stop_trace()
-        if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
+        preempted = preemption.reached(step)  # every process gets the same answer at the same step
+        do_eval = bool(c.train.eval_every) and step % c.train.eval_every == 0 and step < c.train.steps
+        do_save = preempted or (bool(c.checkpoint.save_every) and step % c.checkpoint.save_every == 0
+                                and step < c.train.steps)
+        if do_eval or do_save:
+          # Settle this step's bookkeeping first, so what is saved (counters) is up to date.
+          ok, pending = finish_step(*pending), None
+          if not ok:
+            exit_code = EXIT_DIVERGED
+            break
+        if do_eval:
           evaluate(step)
-        if c.checkpoint.save_every and step % c.checkpoint.save_every == 0 and step < c.train.steps:
+        if do_save:
           save(step)
-        if preemption.reached(step):
-          logging.warning("preempted (SIGTERM): saving step %d and exiting with code %d", step, EXIT_PREEMPTED)
+        if preempted:
+          logging.warning("preempted (SIGTERM): saved step %d; exiting with code %d", step, EXIT_PREEMPTED)
           exit_code = EXIT_PREEMPTED
           break
-      if pending is not None and exit_code == EXIT_OK and not finish_step(*pending):
+      if pending is not None and exit_code != EXIT_DIVERGED and not finish_step(*pending):
         exit_code = EXIT_DIVERGED
       if exit_code == EXIT_OK:
         evaluate(step)

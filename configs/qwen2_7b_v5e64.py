@@ -1,0 +1,68 @@
+"""Qwen2-7B DPO on a v5e-64 slice (64 chips of 16 GiB, topology 8x8, 16 hosts), FSDP over all chips.
+
+Check that the step fits before paying for the slice (compiles on CPU with libtpu):
+
+    python -m artifex_dpo.aot --config=configs/qwen2_7b_v5e64.py --topology=v5e:8x8
+
+Run (every host runs the same command; launch/gke.py renders it for GKE):
+
+    python -m artifex_dpo.main --config=configs/qwen2_7b_v5e64.py --workdir=gs://BUCKET/runs/qwen2-7b-dpo \\
+        --config.model.hf_checkpoint=/gcs/BUCKET/models/Qwen2-7B-Instruct \\
+        --config.data.tokenizer=/gcs/BUCKET/models/Qwen2-7B-Instruct \\
+        --config.data.train_files='gs://BUCKET/data/prefs/train-*.parquet'
+
+``model.hf_checkpoint`` is a local folder (config.json + *.safetensors): on GKE a bucket mounted
+with ``launch/gke.py --gcsfuse=BUCKET`` (at /gcs/BUCKET). ``data.tokenizer`` may be left out: the
+checkpoint folder's tokenizer is used.
+
+16 GiB per chip is the constraint, and it is met with fp32 master weights: over 64 chips the
+policy's fp32 weights + Adam moments + gradients take 7.6e9 x 16 B / 64 = 1.9 GB per chip and the
+bf16 reference 0.24 GB. bf16 parameters would save ~1 GB per chip but round lr-5e-7 updates away,
+so they are not worth it. The rest goes to activations: one pair (2 x 4096 tokens) per chip per
+microbatch, full remat (saved layer inputs ~ 8k x 3584 x 2 B x 28 layers = 1.6 GB), and the
+logits are computed in chunks (dpo.logits_chunk_size) so the 152k vocabulary never materialises
+for a whole sequence.
+"""
+
+from artifex_dpo.config import default_config
+
+SLICE = "v5e-64"          # the slice this config is sized for (launch/gke.py --tpu=v5e-64)
+NUM_CHIPS = 64
+
+
+def get_config():
+  c = default_config()
+  c.model.preset = "qwen2-7b"               # shapes of Qwen/Qwen2-7B; weights from model.hf_checkpoint
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"           # fits (1.9 GB/chip with Adam, see above); bf16 loses small updates
+  c.model.ref_dtype = "bfloat16"
+  c.model.remat = "full"                    # 16 GiB chips: keep only each layer's input
+  c.data.max_length = 4096
+  c.data.max_prompt_length = 2048
+  c.data.truncation_mode = "keep_end"
+  c.data.pad_multiple = 1024
+  c.data.eval_split = 0.02
+  c.dpo.beta = 0.1
+  c.dpo.loss_type = "sigmoid"
+  c.dpo.logits_chunk_size = 256             # 256 positions x 152064 vocab per chunk: small on 16 GiB chips
+  c.optim.learning_rate = 5e-7
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip_norm = 1.0
+  c.train.steps = 500
+  c.train.global_batch_size = 128           # pairs per update
+  c.train.grad_accum_steps = 2              # microbatches of 64 pairs: one per chip (data x fsdp = 64)
+  c.train.eval_batch_size = 64
+  c.train.log_every = 10
+  c.train.eval_every = 100
+  c.checkpoint.save_every = 50
+  c.checkpoint.max_to_keep = 2
+  c.checkpoint.async_save = True
+  c.mesh.ici.data = 1
+  c.mesh.ici.fsdp = -1                      # all 64 chips
+  c.mesh.ici.tensor = 1
+  c.mesh.dcn.data = -1
+  c.export.hf = True
+  c.export.dtype = "bfloat16"
+  return c

@@ -1,0 +1,206 @@
+"""Preemption, resume, crash safety, resharding, non-finite guard: real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from test_multihost import _free_port
+from test_service import ROOT, _error_line, read_rows, run_main
+
+BASE = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.checkpoint.save_every=0",
+        "--config.data.synthetic_pairs=256", "--config.train.global_batch_size=8", "--config.train.eval_batch_size=16",
+        "--config.optim.learning_rate=1e-3"]
+EXACT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected", "grad_norm", "learning_rate", "tokens", "train/nonfinite_steps")
+
+
+def start(workdir, *overrides, processes=1, devices=1):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  base = [sys.executable, "-m", "artifex_dpo.main", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
+  if processes == 1:
+    return [subprocess.Popen(base, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+  port = _free_port()
+  return [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                                   f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(processes)]
+
+
+def wait(procs, timeout=600):
+  out = []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    out.append((p.returncode, err))
+  return out
+
+
+def wait_for_step(workdir, step, procs, timeout=300):
+  path = Path(workdir) / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if path.exists():
+      rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+      if any(r.get("step", 0) >= step and "loss" in r for r in rows):
+        return
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"process ended before step {step}: {[p.returncode for p in procs]}")
+    time.sleep(0.02)
+  raise AssertionError(f"step {step} not reached")
+
+
+def final_rows(workdir):
+  """The row that counts for each step: the later one when a resumed run repeats a step."""
+  rows, _, _ = read_rows(workdir)
+  train, evals = {}, {}
+  for r in rows:
+    (evals if "eval/loss" in r else train)[r["step"]] = r
+  return train, evals
+
+
+def assert_identical(a_dir, b_dir, steps):
+  a, a_eval = final_rows(a_dir)
+  b, b_eval = final_rows(b_dir)
+  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+  for s in a:
+    for k in EXACT_KEYS:
+      assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k])
+  assert a_eval.keys() == b_eval.keys()
+  for s in a_eval:
+    assert a_eval[s]["eval/loss"] == b_eval[s]["eval/loss"]
+  wa, wb = load_file(Path(a_dir) / "export" / "model.safetensors"), load_file(Path(b_dir) / "export" / "model.safetensors")
+  assert wa.keys() == wb.keys()
+  for k in wa:
+    np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)  # bitwise
+
+
+STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  d = tmp_path_factory.mktemp("uninterrupted")
+  (code, err), = wait(start(d, *BASE, f"--config.train.steps={STEPS}"))
+  assert code == 0, err[-3000:]
+  return d
+
+
+def test_sigterm_saves_exits_75_and_resumes_bit_exact(uninterrupted, tmp_path):
+  d = tmp_path / "run"
+  procs = start(d, *BASE, f"--config.train.steps={STEPS}")
+  wait_for_step(d, 5, procs)
+  procs[0].send_signal(signal.SIGTERM)
+  (code, err), = wait(procs)
+  assert code == 75, err[-3000:]
+  stopped = max(final_rows(d)[0])
+  assert 5 <= stopped < STEPS
+  assert (d / "checkpoints" / str(stopped)).is_dir() and not (d / "export").exists()
+  (code, err), = wait(start(d, *BASE, f"--config.train.steps={STEPS}"))
+  assert code == 0, err[-3000:]
+  assert f"resumed from {d / 'checkpoints'}/{stopped}" in err
+  assert_identical(uninterrupted, d, STEPS)
+
+
+def test_sigterm_two_processes_resume_bit_exact(tmp_path):
+  steps = 150
+  ref = tmp_path / "ref"
+  for code, err in wait(start(ref, *BASE, f"--config.train.steps={steps}", processes=2)):
+    assert code == 0, err[-3000:]
+  d = tmp_path / "run"
+  procs = start(d, *BASE, f"--config.train.steps={steps}", processes=2)
+  wait_for_step(d, 5, procs)
+  for p in procs:  # GKE sends SIGTERM to every pod
+    p.send_signal(signal.SIGTERM)
+  results = wait(procs)
+  assert [c for c, _ in results] == [75, 75], results[0][1][-3000:]
+  for code, err in wait(start(d, *BASE, f"--config.train.steps={steps}", processes=2)):
+    assert code == 0, err[-3000:]
+  assert_identical(ref, d, steps)
+
+
+def test_kill9_during_async_saves_leaves_no_loadable_partial_checkpoint(uninterrupted, tmp_path):
+  d = tmp_path / "run"
+  args = [*BASE, f"--config.train.steps={STEPS}", "--config.checkpoint.save_every=1", "--config.checkpoint.max_to_keep=2"]
+  procs = start(d, *args)
+  wait_for_step(d, 30, procs)
+  procs[0].send_signal(signal.SIGKILL)  # most likely in the middle of one of the per-step async saves
+  wait(procs)
+  (code, err), = wait(start(d, *args))
+  assert code == 0, err[-3000:]
+  assert "resumed from" in err
+  assert_identical(uninterrupted, d, STEPS)
+
+
+def test_checkpoint_reshards_onto_another_mesh_and_process_count(tmp_path):
+  common = [*BASE, "--config.export.hf=False"]
+  single = tmp_path / "single"
+  (code, err), = wait(start(single, *common, "--config.train.steps=12"))
+  assert code == 0, err[-3000:]
+  d = tmp_path / "run"
+  (code, err), = wait(start(d, *common, "--config.train.steps=6", "--config.mesh.ici.fsdp=8", devices=8))
+  assert code == 0, err[-3000:]
+  results = wait(start(d, *common, "--config.train.steps=12", "--config.mesh.ici.data=2", "--config.mesh.ici.fsdp=-1",
+                       processes=2, devices=2))
+  for code, err in results:
+    assert code == 0, err[-3000:]
+  assert "resumed from" in results[0][1]
+  a, _ = final_rows(single)
+  b, _ = final_rows(d)
+  assert sorted(b) == list(range(1, 13))
+  for s in range(1, 13):  # different meshes sum in different orders: equal up to float rounding
+    np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-4, atol=1e-6, err_msg=str(s))
+    np.testing.assert_allclose(b[s]["rewards/margins"], a[s]["rewards/margins"], rtol=1e-3, atol=1e-5)
+
+
+def test_nonfinite_steps_stop_with_exit_3_and_keep_the_last_good_state(tmp_path):
+  import orbax.checkpoint as ocp
+
+  d = tmp_path / "run"
+  proc = run_main(d, *BASE, "--config.train.steps=50", "--config.optim.learning_rate=1e30",
+                  "--config.optim.grad_clip_norm=0", "--config.train.max_nonfinite_steps=3")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "non-finite steps in a row" in proc.stderr
+  train, _ = final_rows(d)
+  nonfinite = [s for s, r in sorted(train.items()) if r["nonfinite"]]
+  assert len(nonfinite) == 3 and nonfinite == list(range(nonfinite[0], nonfinite[0] + 3))
+  assert train[nonfinite[-1]]["train/nonfinite_steps"] == 3
+  steps = sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps
+  restored = ocp.StandardCheckpointer().restore(d / "checkpoints" / str(steps[-1]) / "state")
+  leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
+  assert leaves and all(np.all(np.isfinite(x)) for x in leaves if x.dtype.kind == "f")
+
+
+def test_mismatched_or_foreign_checkpoint_is_refused_naming_the_path(tmp_path):
+  from test_data_util import build_bpe
+
+  d = tmp_path / "run"
+  proc = run_main(d, *BASE, "--config.train.steps=3", "--config.export.hf=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # A different vocabulary (another tokenizer) means another embedding shape.
+  tok = tmp_path / "tok.json"
+  build_bpe().save(str(tok))
+  proc = run_main(d, *BASE, "--config.train.steps=6", f"--config.data.tokenizer={tok}",
+                  "--config.checkpoint.allow_change=True")
+  assert proc.returncode == 2
+  line = _error_line(proc)
+  assert str(d / "checkpoints" / "3") in line and "embed" in line and "shape" in line
+  # A foreign folder that looks like a newer step.
+  (d / "checkpoints" / "9").mkdir()
+  (d / "checkpoints" / "9" / "junk.bin").write_bytes(b"\0" * 100)
+  proc = run_main(d, *BASE, "--config.train.steps=12")
+  assert proc.returncode == 2
+  assert str(d / "checkpoints" / "9") in _error_line(proc)
