@@ -3,19 +3,25 @@
     python launch/xm_launch.py --executor=local --image=artifex-dpo-cpu:latest \\
         --config=configs/tiny.py --workdir=/home/artifex/run          # docker, on this machine
     python launch/xm_launch.py --executor=local --config=configs/tiny.py --workdir=/tmp/run   # no image
+    python launch/xm_launch.py --executor=local --tpu=v5p-8 --config=... --workdir=gs://...   # on a TPU VM
     python launch/xm_launch.py --executor=vertex --image=... --config=... --workdir=gs://... --dry_run
 
 ``--dry_run`` prints the job as JSON (:func:`describe_job`) and submits nothing; it needs no
-xmanager. Submitting needs xmanager, installed apart from the project's other dependencies (its
-full tree does not resolve in reasonable time; see docs/running_on_tpu.md)::
+xmanager. xmanager is kept apart from the project's other dependencies (its full tree did not
+resolve in 500 s). Building the xm objects (requirements, executor, packageable; what the tests
+check) needs only::
 
     pip install --no-deps xmanager==0.8.5.post1 && pip install immutabledict docker attrs
 
-which is enough for the local executor; Vertex AI needs ``google-cloud-aiplatform`` and
-Kubernetes needs ``kubernetes``, ``sqlalchemy`` and ``alembic`` as well.
+Submitting needs more, because ``xm_local.create_experiment`` imports xmanager's experiment
+database and cloud packaging even for the local executor (sqlalchemy, alembic, async_generator,
+google-auth, google-api-python-client, google-cloud-storage, cloud-sql-python-connector, grpcio,
+...): install xmanager with its dependencies (``pip install xmanager==0.8.5.post1``, slow to
+resolve) in a separate virtual environment. Vertex AI also needs ``google-cloud-aiplatform``.
 
-What each executor can run (xmanager 0.8.5): the local executor runs one process (the container
-with docker, or ``python -m artifex_dpo.main`` directly, e.g. on a single-host TPU VM).
+What each executor can run (xmanager 0.8.5): the local executor runs one process: the container
+with docker (CPU: xmanager cannot start it privileged, as TPU access needs), or
+``python -m artifex_dpo.main`` directly, e.g. on a single-host TPU VM.
 xmanager's Vertex backend maps only TPU v2 / v3, and its Kubernetes backend starts a one-pod Job
 that requests no ``google.com/tpu`` chips and sets no TPU topology, so neither can place a v4 /
 v5e / v5p / v6e slice: for TPU slices on GKE use ``launch/gke.py`` (a JobSet). Here they run CPU
@@ -42,11 +48,12 @@ EXECUTORS = ("local", "vertex", "kubernetes")
 ENTRYPOINT = ("python", "-m", "artifex_dpo.main")  # the image's ENTRYPOINT (docker/Dockerfile)
 # xm.ResourceType name of each generation (xm.JobRequirements(tpu_v5p="2x2x4")).
 XM_TPU_RESOURCES = {"v4": "tpu_v4", "v5e": "tpu_v5e", "v5p": "tpu_v5p", "v6e": "tpu_v6e"}
-_XM_INSTALL = "pip install --no-deps xmanager==0.8.5.post1 && pip install immutabledict docker attrs"
+_XM_INSTALL = ("pip install xmanager==0.8.5.post1 in a separate virtual environment to submit; only to build the "
+               "job objects: pip install --no-deps xmanager==0.8.5.post1 && pip install immutabledict docker attrs")
 
 
-class LaunchError(gke.LaunchError):
-  """A job the chosen executor cannot run (one line; the CLI exits with code 2)."""
+# A job the chosen executor cannot run, or a bad argument (one line; the CLI exits with code 2).
+LaunchError = gke.LaunchError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +129,9 @@ def describe_job(*, executor: str, config: str, workdir: str, image: str | None 
                       f"use launch/gke.py (a JobSet) for TPU slices on GKE")
   if sl is not None and sl.hosts > 1:
     raise LaunchError(f"{sl.name} has {sl.hosts} hosts: the local executor runs one process; use launch/gke.py")
+  if sl is not None and image:
+    raise LaunchError("xmanager's local docker runs are not privileged, so the container cannot open the TPU: "
+                      "leave out --image to run the command directly on the TPU VM")
   if executor != "local" and not image:
     raise LaunchError(f"--executor={executor} needs --image")
   if executor != "local" and not workdir.startswith("gs://"):
@@ -150,7 +160,7 @@ def _xm():
     from xmanager import xm_local
     from xmanager.xm_local import executors
   except ImportError as e:
-    raise LaunchError(f"xmanager is not installed ({e}); install it with: {_XM_INSTALL}") from None
+    raise LaunchError(f"xmanager is not installed ({e}): {_XM_INSTALL}") from None
   return xm, xm_local, executors
 
 
@@ -202,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--image", help="container image (docker/Dockerfile or docker/Dockerfile.cpu)")
   p.add_argument("--config", required=True)
   p.add_argument("--workdir", required=True)
-  p.add_argument("--tpu", help="single-host TPU slice for the local executor, e.g. v5p-8, v5e-8")
+  p.add_argument("--tpu", help="single-host TPU slice for the local executor without --image (this TPU VM), "
+                                "e.g. v5p-8, v5e-8")
   p.add_argument("--topology")
   p.add_argument("--name")
   p.add_argument("--cpu", type=int, default=8)
@@ -225,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(json.dumps(desc.to_dict(), indent=2))
       return 0
     print(f"launched experiment {launch(desc)}", file=sys.stderr)
-  except gke.LaunchError as e:
+  except LaunchError as e:
     print(f"xm_launch: error: {e}", file=sys.stderr)
     return 2
   return 0

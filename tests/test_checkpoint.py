@@ -115,7 +115,7 @@ def test_sigterm_saves_exits_75_and_resumes_bit_exact(uninterrupted, tmp_path):
 
 
 def test_sigterm_two_processes_resume_bit_exact(tmp_path):
-  steps = 150
+  steps = 40
   ref = tmp_path / "ref"
   for code, err in wait(start(ref, *BASE, f"--config.train.steps={steps}", processes=2)):
     assert code == 0, err[-3000:]
@@ -185,14 +185,13 @@ def test_nonfinite_steps_stop_with_exit_3_and_keep_the_last_good_state(tmp_path)
 
 
 def test_mismatched_or_foreign_checkpoint_is_refused_naming_the_path(tmp_path):
-  from test_data_util import build_bpe
+  from test_data_util import write_hf_folder
 
   d = tmp_path / "run"
   proc = run_main(d, *BASE, "--config.train.steps=3", "--config.export.hf=False")
   assert proc.returncode == 0, proc.stderr[-3000:]
   # A different vocabulary (another tokenizer) means another embedding shape.
-  tok = tmp_path / "tok.json"
-  build_bpe().save(str(tok))
+  tok = write_hf_folder(tmp_path / "tok")
   proc = run_main(d, *BASE, "--config.train.steps=6", f"--config.data.tokenizer={tok}",
                   "--config.checkpoint.allow_change=True")
   assert proc.returncode == 2

@@ -32,13 +32,19 @@ def test_local_job_without_image_runs_the_cli_here():
   assert d.name == "dpo-tiny"
 
 
-def test_local_single_host_tpu_with_the_image():
+def test_local_single_host_tpu_runs_the_cli_on_the_tpu_vm():
   d = xm_launch.describe_job(executor="local", config="configs/llama3_8b_v5p32.py", workdir="gs://b/run",
-                             image=IMAGE, tpu="v5p-8", name="dpo-8b")
-  assert d.command == ("python", "-m", "artifex_dpo.main")  # the image's ENTRYPOINT
+                             tpu="v5p-8", name="dpo-8b")
+  assert d.image is None and d.command == (sys.executable, "-m", "artifex_dpo.main")
   assert (d.accelerator, d.topology, d.hosts, d.chips_per_host) == ("tpu_v5p", "2x2x1", 1, 4)
   d = xm_launch.describe_job(executor="local", config="c.py", workdir="/tmp/r", tpu="v5e-8")
   assert (d.accelerator, d.topology, d.hosts, d.chips_per_host) == ("tpu_v5e", "2x4", 1, 8)
+
+
+def test_local_image_runs_the_image_entrypoint():
+  d = xm_launch.describe_job(executor="local", config="configs/tiny.py", workdir="/home/artifex/run", image=CPU_IMAGE)
+  assert d.command == ("python", "-m", "artifex_dpo.main")  # the image's ENTRYPOINT
+  assert d.args == ("--config=configs/tiny.py", "--workdir=/home/artifex/run")
 
 
 def test_remote_cpu_job():
@@ -51,6 +57,7 @@ def test_remote_cpu_job():
     (dict(executor="vertex", tpu="v5p-8", image=IMAGE), "Vertex backend maps only TPU v2/v3"),
     (dict(executor="kubernetes", tpu="v5e-16", image=IMAGE), "launch/gke.py"),
     (dict(executor="local", tpu="v5p-32"), "4 hosts"),
+    (dict(executor="local", tpu="v5p-8", image=IMAGE), "not privileged"),
     (dict(executor="kubernetes", workdir="/tmp/run", image=CPU_IMAGE), "gs://"),
     (dict(executor="vertex"), "needs --image"),
     (dict(executor="slurm"), "one of local"),
@@ -63,12 +70,12 @@ def test_jobs_an_executor_cannot_run_are_refused(kw, message):
 
 
 def test_dry_run_cli_prints_the_description():
-  args = ["--executor=local", f"--image={IMAGE}", "--tpu=v5e-8", "--config=configs/tiny.py", "--workdir=gs://b/run",
+  args = ["--executor=local", "--tpu=v5e-8", "--config=configs/tiny.py", "--workdir=gs://b/run",
           "--config.train.steps=7", "--dry_run"]
   proc = subprocess.run([sys.executable, "launch/xm_launch.py", *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=60)
   assert proc.returncode == 0, proc.stderr
-  expected = xm_launch.describe_job(executor="local", image=IMAGE, tpu="v5e-8", config="configs/tiny.py",
+  expected = xm_launch.describe_job(executor="local", tpu="v5e-8", config="configs/tiny.py",
                                     workdir="gs://b/run", overrides=["train.steps=7"]).to_dict()
   assert json.loads(proc.stdout) == json.loads(json.dumps(expected))
   bad = subprocess.run([sys.executable, "launch/xm_launch.py", *args, "--bogus"], cwd=ROOT, capture_output=True,
@@ -101,30 +108,35 @@ def test_xm_requirements_executor_and_packageable_for_the_local_executor():
   xm = pytest.importorskip("xmanager.xm", reason=NO_XMANAGER)
   from xmanager.xm_local import executables, executors
 
+  # A single-host TPU VM: the command runs directly (a local docker container could not open the TPU).
   d = xm_launch.describe_job(executor="local", config="configs/llama3_8b_v5p32.py", workdir="gs://b/run",
-                             image=IMAGE, tpu="v5p-8", overrides=["train.steps=3"])
+                             tpu="v5p-8", overrides=["train.steps=3"])
   req = xm_launch.xm_requirements(d)
   assert req.accelerator == xm.ResourceType.TPU_V5P
   assert req.topology == xm.Topology("2x2x1") and req.topology.chip_count == 4
   executor = xm_launch.xm_executor(d)
   assert isinstance(executor, executors.Local)
+  assert executor.requirements.accelerator == xm.ResourceType.TPU_V5P
   packageable = xm_launch.xm_packageable(d, executor.Spec())
-  assert isinstance(packageable.executable_spec, xm.Container)
-  assert packageable.executable_spec.image_path == IMAGE
-  assert packageable.args.to_list() == ["--config=configs/llama3_8b_v5p32.py", "--workdir=gs://b/run",
-                                        "--config.train.steps=3"]
-  # What experiment.package would return for it, put in a Job as experiment.add would.
-  image = executables.LoadedContainerImage(name="artifex-dpo", image_id="sha256:0", args=packageable.args)
-  job = xm.Job(executable=image, executor=executor, name=d.name)
-  assert job.executor.requirements.accelerator == xm.ResourceType.TPU_V5P
-
-  # Without an image: the Python command line as a local binary.
-  d = xm_launch.describe_job(executor="local", config="configs/tiny.py", workdir="/tmp/r")
-  packageable = xm_launch.xm_packageable(d, executors.Local.Spec())
   assert isinstance(packageable.executable_spec, xm.Binary)
   assert packageable.executable_spec.path == sys.executable
-  assert packageable.args.to_list() == ["-m", "artifex_dpo.main", "--config=configs/tiny.py", "--workdir=/tmp/r"]
+  assert packageable.args.to_list() == ["-m", "artifex_dpo.main", "--config=configs/llama3_8b_v5p32.py",
+                                        "--workdir=gs://b/run", "--config.train.steps=3"]
+  # What experiment.package returns for it (xm_local packaging), in a Job as experiment.add takes it.
+  binary = executables.LocalBinary(name="artifex-dpo", command=sys.executable, args=packageable.args)
+  job = xm.Job(executable=binary, executor=executor, name=d.name)
+  assert job.name == "dpo-llama3-8b-v5p32"
+
+  # The CPU image with docker: the image's entrypoint gets the trainer's arguments.
+  d = xm_launch.describe_job(executor="local", config="configs/tiny.py", workdir="/home/artifex/run",
+                             image=CPU_IMAGE)
+  packageable = xm_launch.xm_packageable(d, executors.Local.Spec())
+  assert isinstance(packageable.executable_spec, xm.Container)
+  assert packageable.executable_spec.image_path == CPU_IMAGE
+  assert packageable.args.to_list() == ["--config=configs/tiny.py", "--workdir=/home/artifex/run"]
   assert xm_launch.xm_requirements(d).accelerator is None
+  image = executables.LoadedContainerImage(name="artifex-dpo", image_id="sha256:0", args=packageable.args)
+  assert xm.Job(executable=image, executor=xm_launch.xm_executor(d)).executable.image_id == "sha256:0"
 
 
 @pytest.mark.parametrize("executor", ["vertex", "kubernetes"])
