@@ -236,16 +236,36 @@ def sppo_hard_loss(p: PairLogps, beta: float) -> jax.Array:
   return (p.chosen_logratios - 0.5 / beta) ** 2 + (p.rejected_logratios + 0.5 / beta) ** 2
 
 
-def aot_loss(p: PairLogps, beta: float, label_smoothing: float = 0.0) -> jax.Array:
-  """AOT paired (Melnyk et al. 2024): sorted policy vs sorted reference log-ratio margins over the batch."""
-  delta = jnp.sort(p.chosen - p.rejected) - jnp.sort(p.ref_chosen - p.ref_rejected)
+def _sorted_real_first(x: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """Ascending sort of the real entries; filler entries (weight 0) go last (as 0)."""
+  if weights is None:
+    return jnp.sort(x)
+  n_real = jnp.sum(weights > 0)
+  ordered = jnp.sort(jnp.where(weights > 0, x, jnp.inf))
+  return jnp.where(jnp.arange(x.shape[0]) < n_real, ordered, 0.0)
+
+
+def aot_loss(p: PairLogps, beta: float, label_smoothing: float = 0.0, weights: jax.Array | None = None) -> jax.Array:
+  """AOT paired (Melnyk et al. 2024): sorted policy vs sorted reference log-ratio margins over the batch.
+
+  The values come in sorted order; with ``weights``, the real pairs come first (see
+  :func:`sorted_weights`).
+  """
+  delta = (_sorted_real_first(p.chosen - p.rejected, weights)
+           - _sorted_real_first(p.ref_chosen - p.ref_rejected, weights))
   return _smoothed_sigmoid(beta * delta, label_smoothing)
 
 
-def aot_unpaired_loss(p: PairLogps, beta: float, label_smoothing: float = 0.0) -> jax.Array:
-  """AOT unpaired: sorted chosen vs sorted rejected log-ratios over the batch."""
-  delta = jnp.sort(p.chosen_logratios) - jnp.sort(p.rejected_logratios)
+def aot_unpaired_loss(p: PairLogps, beta: float, label_smoothing: float = 0.0,
+                      weights: jax.Array | None = None) -> jax.Array:
+  """AOT unpaired: sorted chosen vs sorted rejected log-ratios over the batch (order as aot_loss)."""
+  delta = _sorted_real_first(p.chosen_logratios, weights) - _sorted_real_first(p.rejected_logratios, weights)
   return _smoothed_sigmoid(beta * delta, label_smoothing)
+
+
+def sorted_weights(weights: jax.Array) -> jax.Array:
+  """The weights of sorted-order AOT values: real pairs first."""
+  return jnp.sort(weights)[::-1]
 
 
 def apo_zero_loss(p: PairLogps, beta: float) -> jax.Array:
@@ -295,7 +315,7 @@ class LossSettings(NamedTuple):
   reference_free: bool
 
 
-def _pair_loss(name: str, s: LossSettings, p: PairLogps) -> jax.Array:
+def _pair_loss(name: str, s: LossSettings, p: PairLogps, w: jax.Array | None = None) -> jax.Array:
   table: dict[str, Callable[[], jax.Array]] = {
       "sigmoid": lambda: sigmoid_loss(p, s.beta, s.label_smoothing),
       "robust": lambda: robust_loss(p, s.beta, s.label_smoothing),
@@ -306,8 +326,8 @@ def _pair_loss(name: str, s: LossSettings, p: PairLogps) -> jax.Array:
       "nca_pair": lambda: nca_pair_loss(p, s.beta),
       "bco_pair": lambda: bco_pair_loss(p, s.beta),
       "sppo_hard": lambda: sppo_hard_loss(p, s.beta),
-      "aot": lambda: aot_loss(p, s.beta, s.label_smoothing),
-      "aot_unpaired": lambda: aot_unpaired_loss(p, s.beta, s.label_smoothing),
+      "aot": lambda: aot_loss(p, s.beta, s.label_smoothing, w),
+      "aot_unpaired": lambda: aot_unpaired_loss(p, s.beta, s.label_smoothing, w),
       "apo_zero": lambda: apo_zero_loss(p, s.beta),
       "apo_down": lambda: apo_down_loss(p, s.beta),
       "discopop": lambda: discopop_loss(p, s.beta, s.discopop_tau),
@@ -343,10 +363,12 @@ def preference_loss(
     s: loss settings.
     chosen, rejected: policy sequence statistics.
     ref_chosen, ref_rejected: reference statistics (zeros when reference-free).
-    chosen_token_logps, chosen_response_mask: ``[B, T]`` per-token policy log-probs and the
-      response mask of the chosen side, for the SFT / RPO negative log-likelihood term.
-    pair_mask: ``[B]`` 0/1; pairs with 0 (filler rows of a last, partial eval batch) count in no
-      mean. None: every pair counts. (The batch-sorting AOT losses still sort filler rows.)
+    chosen_token_logps, chosen_response_mask: per-token policy log-probs and the response mask of
+      the chosen side (any layout, e.g. ``[B, T]`` or packed rows; the mask must be 0 on filler
+      pairs), for the SFT / RPO negative log-likelihood term.
+    pair_mask: ``[B]`` 0/1; pairs with 0 (filler rows of a last, partial eval batch, empty
+      slots of packed rows) count in no mean and are left out of the AOT losses' sorting.
+      None: every pair counts.
 
   Returns:
     ``(loss, metrics)``; the metrics use TRL's names plus the seed trainer's keys.
@@ -361,8 +383,7 @@ def preference_loss(
     )
 
   w = jnp.ones_like(chosen.logp_sum) if pair_mask is None else pair_mask.astype(jnp.float32)
-  mean = lambda x: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-  chosen_response_mask = chosen_response_mask * w[:, None].astype(chosen_response_mask.dtype)
+  mean = lambda x, weights=w: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   metrics: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
   nll = None
@@ -372,7 +393,11 @@ def preference_loss(
       term = nll
     else:
       reduction = "mean" if name in LENGTH_NORMALISED_LOSSES else s.logp_reduction
-      term = mean(_pair_loss(name, s, pairs(reduction)))
+      if name in ("aot", "aot_unpaired"):  # values in sorted order, real pairs first
+        term = mean(_pair_loss(name, s, pairs(reduction), None if pair_mask is None else w),
+                    w if pair_mask is None else sorted_weights(w))
+      else:
+        term = mean(_pair_loss(name, s, pairs(reduction)))
     if len(s.loss_types) > 1:
       metrics[f"loss/{name}"] = term
     total = total + weight * term

@@ -19,7 +19,7 @@ from flax import nnx
 
 from artifex_dpo import losses
 from artifex_dpo.dpo_config import DPOConfig
-from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
+from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
 
 Metrics = dict[str, jax.Array]
 
@@ -87,6 +87,9 @@ def concat_sides(batch: PreferenceBatch) -> GeneratedSequenceBatch:
       return None
     return jnp.concatenate([_pad_to(a, length), _pad_to(b, length)], axis=0)
 
+  seq_ref = None
+  if c.reference_sequence_log_probs is not None and r.reference_sequence_log_probs is not None:
+    seq_ref = jnp.concatenate([c.reference_sequence_log_probs, r.reference_sequence_log_probs])
   return GeneratedSequenceBatch(  # not from_sequences: no host-side checks on traced values
       sequences=cat("sequences"),
       response_mask=cat("response_mask"),
@@ -94,6 +97,7 @@ def concat_sides(batch: PreferenceBatch) -> GeneratedSequenceBatch:
       prompt_mask=cat("prompt_mask"),
       reference_log_probs=cat("reference_log_probs"),
       positions=cat("positions"),
+      reference_sequence_log_probs=seq_ref,
   )
 
 
@@ -102,43 +106,90 @@ def concat_sides(batch: PreferenceBatch) -> GeneratedSequenceBatch:
 # --------------------------------------------------------------------------------------------
 
 
+def _reference_token_log_probs(reference_model, both: GeneratedSequenceBatch, settings, logps, chunk_size):
+  if settings.reference_free:
+    return jnp.zeros_like(logps)
+  if both.reference_log_probs is not None:
+    return both.reference_log_probs.astype(jnp.float32)
+  if reference_model is not None:
+    return token_log_probs(reference_model, both.sequences, both.segment_ids, both.positions, chunk_size)[0]
+  return jnp.zeros_like(logps)  # only reached when no configured loss reads the reference
+
+
 def dpo_loss(
     model: Any,
     reference_model: Any | None,
-    batch: PreferenceBatch,
+    batch: PreferenceBatch | PackedPreferenceBatch,
     settings: losses.LossSettings,
     *,
     chunk_size: int = 512,
 ) -> tuple[jax.Array, Metrics]:
   """The configured preference loss of ``batch`` and its metrics.
 
-  Chosen and rejected go through the policy in one concatenated forward. Reference log-probs come
-  from the batch when both sides carry them, else from ``reference_model`` (never
-  differentiated), else they are zero (only valid when ``settings.reference_free`` or no loss
-  needs them; the trainer refuses other cases when it is built).
+  Chosen and rejected go through the policy in one forward (concatenated, or packed in the same
+  rows). Reference log-probs come from the batch when both sides carry them, else from
+  ``reference_model`` (never differentiated), else they are zero (only valid when
+  ``settings.reference_free`` or no loss needs them; the trainer refuses other cases when built).
   """
+  if isinstance(batch, PackedPreferenceBatch):
+    return _packed_dpo_loss(model, reference_model, batch, settings, chunk_size)
   both = concat_sides(batch)
   n = batch.chosen.batch_size
   logps, logit_means = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size)
-
-  if settings.reference_free:
-    ref_logps = jnp.zeros_like(logps)
-  elif both.reference_log_probs is not None:
-    ref_logps = both.reference_log_probs.astype(jnp.float32)
-  elif reference_model is not None:
-    ref_logps, _ = token_log_probs(reference_model, both.sequences, both.segment_ids, both.positions, chunk_size)
-  else:
-    ref_logps = jnp.zeros_like(logps)  # only reached when no configured loss reads the reference
-  ref_logps = jax.lax.stop_gradient(ref_logps)
-
   mask = both.response_mask
   policy = losses.sequence_stats(logps, mask, logit_means)
-  ref = losses.sequence_stats(ref_logps, mask)
+  if both.reference_sequence_log_probs is not None and not settings.reference_free:
+    ref = losses.SequenceStats(both.reference_sequence_log_probs.astype(jnp.float32), policy.num_tokens,
+                               jnp.zeros_like(policy.logit_sum))
+  else:
+    ref_logps = _reference_token_log_probs(reference_model, both, settings, logps, chunk_size)
+    ref = losses.sequence_stats(jax.lax.stop_gradient(ref_logps), mask)
+  ref = jax.tree.map(jax.lax.stop_gradient, ref)
   split = lambda s: (jax.tree.map(lambda x: x[:n], s), jax.tree.map(lambda x: x[n:], s))
   (chosen, rejected), (ref_chosen, ref_rejected) = split(policy), split(ref)
   loss, metrics = losses.preference_loss(
       settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask)
   metrics["tokens"] = jnp.sum(both.segment_ids > 0).astype(jnp.float32)
+  return loss, metrics
+
+
+def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tuple[losses.SequenceStats, ...]:
+  """Per-slot (chosen, rejected) statistics of packed rows: segment sums over ``[R * K]`` slots."""
+  rows, _ = batch.sequences.shape
+  k = batch.pair_mask.shape[1]
+  seg = batch.segment_ids
+  slot = jnp.arange(rows)[:, None] * k + (seg - 1) // 2
+  ids = jnp.where(seg > 0, slot * 2 + (seg - 1) % 2, 2 * rows * k)  # padding -> one spare bucket
+  mask = batch.response_mask.astype(jnp.float32)
+
+  def per_sequence(x):
+    summed = jax.ops.segment_sum((x * mask).reshape(-1), ids.reshape(-1), num_segments=2 * rows * k + 1)
+    return summed[:-1].reshape(rows * k, 2)
+
+  logp, count = per_sequence(token_values), per_sequence(jnp.ones_like(mask))
+  logits = per_sequence(logit_means) if logit_means is not None else jnp.zeros_like(logp)
+  return tuple(losses.SequenceStats(logp[:, i], count[:, i], logits[:, i]) for i in (0, 1))
+
+
+def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, settings, chunk_size):
+  logps, logit_means = token_log_probs(model, batch.sequences, batch.segment_ids, None, chunk_size)
+  chosen, rejected = _packed_stats(logps, logit_means, batch)
+  if settings.reference_free or (batch.reference_sequence_log_probs is None and reference_model is None):
+    ref_chosen = ref_rejected = losses.SequenceStats(jnp.zeros_like(chosen.logp_sum), chosen.num_tokens,
+                                                     jnp.zeros_like(chosen.logp_sum))
+  elif batch.reference_sequence_log_probs is not None:
+    ref = batch.reference_sequence_log_probs.astype(jnp.float32).reshape(-1, 2)
+    ref_chosen = losses.SequenceStats(ref[:, 0], chosen.num_tokens, jnp.zeros_like(ref[:, 0]))
+    ref_rejected = losses.SequenceStats(ref[:, 1], rejected.num_tokens, jnp.zeros_like(ref[:, 1]))
+  else:
+    ref_logps, _ = token_log_probs(reference_model, batch.sequences, batch.segment_ids, None, chunk_size)
+    ref_chosen, ref_rejected = _packed_stats(jax.lax.stop_gradient(ref_logps), None, batch)
+  ref_chosen, ref_rejected = jax.tree.map(jax.lax.stop_gradient, (ref_chosen, ref_rejected))
+  seg = batch.segment_ids
+  chosen_mask = batch.response_mask * ((seg > 0) & ((seg - 1) % 2 == 0)).astype(batch.response_mask.dtype)
+  loss, metrics = losses.preference_loss(settings, chosen, rejected, ref_chosen, ref_rejected, logps, chosen_mask,
+                                         batch.pair_mask.reshape(-1))
+  metrics["tokens"] = jnp.sum(seg > 0).astype(jnp.float32)
   return loss, metrics
 
 
@@ -302,15 +353,17 @@ class DPOTrainer:
     self._plain_model = not accepts_segment_ids(model) or (
         self.reference_model is not None and not accepts_segment_ids(self.reference_model))
 
-  def _check_batch(self, batch: PreferenceBatch) -> None:
-    if not isinstance(batch, PreferenceBatch):
-      raise ValueError(f"train_step expects a PreferenceBatch, got {type(batch).__name__}")
+  def _check_batch(self, batch: PreferenceBatch | PackedPreferenceBatch) -> None:
+    if not isinstance(batch, (PreferenceBatch, PackedPreferenceBatch)):
+      raise ValueError(f"train_step expects a PreferenceBatch or PackedPreferenceBatch, got {type(batch).__name__}")
     needs_ref_values = self.config.needs_reference and self.reference_model is None
     if needs_ref_values and not batch.has_reference_log_probs:
       raise ValueError(
           "batch has no reference_log_probs on both sides, and the trainer has no reference model "
           "(DPOConfig.precompute_ref_logps=True)")
     if self._plain_model:
+      if isinstance(batch, PackedPreferenceBatch):
+        raise ValueError("packed rows need a model accepting segment_ids (e.g. artifex_dpo.models.LlamaModel)")
       # A model called as model(tokens) sees every token: only right padding keeps scores exact.
       for side in ("chosen", "rejected"):
         seg = np.asarray(getattr(batch, side).segment_ids)
@@ -319,7 +372,7 @@ class DPOTrainer:
               f"{side}: the model takes no segment_ids, so only right-padded, unpacked rows are exact; "
               "left padding or packing needs a model accepting segment_ids (e.g. artifex_dpo.models.LlamaModel)")
 
-  def train_step(self, batch: PreferenceBatch) -> tuple[jax.Array, Metrics]:
+  def train_step(self, batch: PreferenceBatch | PackedPreferenceBatch) -> tuple[jax.Array, Metrics]:
     """One optimizer update on ``batch``; returns ``(loss, metrics)`` computed before the update."""
     self._check_batch(batch)
     state = nnx.state((self.model, self.optimizer))
@@ -327,7 +380,7 @@ class DPOTrainer:
     nnx.update((self.model, self.optimizer), new_state)
     return metrics["loss"], metrics
 
-  def compute_loss(self, batch: PreferenceBatch) -> tuple[jax.Array, Metrics]:
+  def compute_loss(self, batch: PreferenceBatch | PackedPreferenceBatch) -> tuple[jax.Array, Metrics]:
     """``(loss, metrics)`` of ``batch`` without updating anything."""
     self._check_batch(batch)
     return self._eval_step(nnx.state(self.model), self._ref_state, batch)

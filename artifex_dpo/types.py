@@ -47,6 +47,9 @@ class GeneratedSequenceBatch:
       aligned with ``sequences`` (entry t is ``log p_ref(x_t | x_<t)``), used where
       ``response_mask`` is 1.
     positions: int32 ``[B, T]`` or None; token positions (default: index within each segment).
+    reference_sequence_log_probs: float32 ``[B]`` or None; precomputed reference log-probs already
+      summed over each row's response tokens (what ``dpo.precompute_ref_logps`` stores). Used
+      instead of ``reference_log_probs`` when given.
   """
 
   sequences: jax.Array
@@ -55,6 +58,7 @@ class GeneratedSequenceBatch:
   prompt_mask: jax.Array | None = None
   reference_log_probs: jax.Array | None = None
   positions: jax.Array | None = None
+  reference_sequence_log_probs: jax.Array | None = None
 
   @classmethod
   def from_sequences(
@@ -165,4 +169,33 @@ class PreferenceBatch:
   @property
   def has_reference_log_probs(self) -> bool:
     """True when both sides carry precomputed reference log-probs (the reference forward is skipped)."""
-    return self.chosen.reference_log_probs is not None and self.rejected.reference_log_probs is not None
+    has = lambda s: s.reference_log_probs is not None or s.reference_sequence_log_probs is not None
+    return has(self.chosen) and has(self.rejected)
+
+
+@struct.dataclass
+class PackedPreferenceBatch:
+  """Padding-free rows, each holding several whole pairs (chosen and rejected in the same row).
+
+  In row r, the j-th pair's chosen sequence has segment id ``2j + 1`` and its rejected sequence
+  ``2j + 2`` (0 is padding, at the end of the row). Attention, positions and log-prob masks never
+  cross a segment boundary, so every pair is scored exactly as it would be alone.
+
+  Attributes:
+    sequences: int32 ``[R, L]`` tokens.
+    segment_ids: int32 ``[R, L]`` as above.
+    response_mask: int32 ``[R, L]``; 1 on scored (response) tokens.
+    pair_mask: int32 ``[R, K]``; 1 where slot j of row r holds a pair (K = max pairs per row).
+    reference_sequence_log_probs: float32 ``[R, K, 2]`` or None; precomputed reference
+      log-probs summed over the response tokens of (chosen, rejected) of each slot.
+  """
+
+  sequences: jax.Array
+  segment_ids: jax.Array
+  response_mask: jax.Array
+  pair_mask: jax.Array
+  reference_sequence_log_probs: jax.Array | None = None
+
+  @property
+  def has_reference_log_probs(self) -> bool:
+    return self.reference_sequence_log_probs is not None

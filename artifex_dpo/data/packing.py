@@ -15,7 +15,8 @@ Packed batch layout (numpy, ``r`` = rows, ``L`` = row length, ``K`` = max pairs 
 ``tokens`` int32 [r, L] (pad id after the last segment), ``segment_ids`` int32 [r, L] (as
 above), ``response_mask`` int32 [r, L] (1 at response tokens, scored as predicted from the
 token before; the first token of every segment never is), ``pair_mask`` int32 [r, K] (1
-for the slots holding a pair), and python ints ``num_tokens`` (non-padding tokens) and
+for the slots holding a pair), ``pair_indices`` int64 [r, K] (the dataset index of each
+slot's pair, -1 for empty slots), and python ints ``num_tokens`` (non-padding tokens) and
 ``num_pairs``.
 """
 
@@ -267,7 +268,10 @@ def make_packed_batch(
   response[real_tokens] = stream_resp
   pair_mask = np.zeros((r, K), np.int32)
   pair_mask[pair_row, slot] = 1
+  pair_indices = np.full((r, K), -1, np.int64)
+  pair_indices[pair_row, slot] = pairs
   return {
+      "pair_indices": pair_indices,
       "tokens": tokens,
       "segment_ids": segment_ids,
       "response_mask": response,

@@ -19,7 +19,8 @@ Batch layout (numpy, ``b`` = local pairs, ``T`` = padded length) for ``s`` in ch
 rejected: ``{s}_tokens`` int32 [b, T] (pad id after the sequence), ``{s}_segment_ids`` int32
 [b, T] (1 real token, 0 padding), ``{s}_response_mask`` int32 [b, T] (1 where the token is a
 response token, i.e. scored as predicted from the token before it; position 0 never is);
-``pair_mask`` int32 [b] (0 for the filler rows of a last, partial eval batch). Python ints
+``pair_mask`` int32 [b] (0 for the filler rows of a last, partial eval batch),
+``pair_indices`` int64 [b] (dataset index of each row's pair, -1 for filler). Python ints
 ``num_tokens`` (this batch's non-padding tokens, chosen + rejected) and
 ``global_num_tokens`` (the same for the whole global batch) ride along.
 
@@ -436,7 +437,7 @@ def make_batch(
   indices = np.asarray(indices, dtype=np.int64)
   b = len(indices)
   mask = np.ones(b, np.int32) if pair_mask is None else np.asarray(pair_mask, np.int32)
-  batch: dict[str, Any] = {"pair_mask": mask}
+  batch: dict[str, Any] = {"pair_mask": mask, "pair_indices": np.where(mask == 1, indices, -1)}
   num_tokens = 0
   toks, offs = dataset.tokens, dataset.offsets
   for j, side in enumerate(SIDES):
