@@ -47,7 +47,10 @@ DOCS: dict[str, str] = {
     "data.max_prompt_length": "max prompt tokens (truncated by data.truncation_mode)",
     "data.truncation_mode": "which end of a long prompt is kept: keep_end | keep_start",
     "data.pad_multiple": "pad each batch to a multiple of this many tokens (buckets; max_length caps it)",
-    "data.packing": "pack several pairs per row (padding-free; segment ids keep them apart)",
+    "data.packing": "pack whole pairs into rows of data.pack_length tokens (padding-free; segment ids keep them "
+                    "apart); train.global_batch_size then counts rows, and the pairs per step vary",
+    "data.pack_length": "tokens per packed row; 0: 2 * data.max_length",
+    "data.max_pairs_per_row": "most pairs in one packed row; 0: pack_length // 32",
     "data.shuffle": "shuffle the global order each epoch (a function of data.seed and the epoch)",
     "data.seed": "seed of the data order",
     "data.skip_invalid": "skip (and count) invalid records instead of stopping with exit code 2",
@@ -63,7 +66,8 @@ DOCS: dict[str, str] = {
     "dpo.rpo_alpha": "weight of the chosen NLL term (RPO); unset: off",
     "dpo.discopop_tau": "DiscoPOP temperature",
     "dpo.logits_chunk_size": "positions per chunk of the chunked output projection + log-softmax",
-    "dpo.precompute_ref_logps": "compute reference log-probs once before training; no reference in memory",
+    "dpo.precompute_ref_logps": "score the data with the reference once before training (cached in "
+                                "workdir/ref_logps); then no reference model in memory and no reference forward",
     "optim.name": "optimizer: adamw | adam | sgd",
     "optim.learning_rate": "peak learning rate",
     "optim.schedule": "learning-rate schedule after warmup: cosine | linear | constant",
@@ -105,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
                  dtype="float32", param_dtype="float32", ref_dtype="float32", remat="none", init_seed=0)
   c.data = dict(train_files=placeholder(str), eval_files=placeholder(str), eval_split=0.1, format="auto",
                 tokenizer=placeholder(str), max_length=512, max_prompt_length=256, truncation_mode="keep_end",
-                pad_multiple=64, packing=False, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
+                pad_multiple=64, packing=False, pack_length=0, max_pairs_per_row=0, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
   c.dpo = dict(beta=0.1, label_smoothing=0.0, reference_free=False, loss_type="", loss_weights="",
                logp_reduction="sum", simpo_gamma=0.0, rpo_alpha=placeholder(float), discopop_tau=0.05,
                logits_chunk_size=512, precompute_ref_logps=False)
@@ -188,9 +192,13 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
               "train.eval_batch_size", "train.max_nonfinite_steps", "checkpoint.max_to_keep",
               "dpo.logits_chunk_size"):
     _positive(c, key)
-  for key in ("train.eval_every", "checkpoint.save_every", "optim.warmup_steps", "optim.weight_decay",
+  for key in ("data.pack_length", "data.max_pairs_per_row",
+              "train.eval_every", "checkpoint.save_every", "optim.warmup_steps", "optim.weight_decay",
               "optim.grad_clip_norm", "optim.learning_rate"):
     _positive(c, key, allow_zero=True)
+  if c.data.packing and c.data.pack_length and c.data.pack_length < 2 * c.data.max_length:
+    raise ConfigError("data.pack_length", f"{c.data.pack_length} cannot hold a pair of two sequences of "
+                                          f"data.max_length={c.data.max_length} (use >= {2 * c.data.max_length} or 0)")
   if c.data.max_prompt_length >= c.data.max_length:
     raise ConfigError("data.max_prompt_length", f"must be < data.max_length ({c.data.max_length}), got "
                                                 f"{c.data.max_prompt_length}")

@@ -23,7 +23,7 @@ from artifex_dpo.dpo_config import DPOConfig
 from artifex_dpo.models import LlamaModel, load_hf_params
 from artifex_dpo.models.config import ModelConfig
 from artifex_dpo.trainer import make_loss_fn, make_train_step
-from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
+from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
 
 
 @dataclasses.dataclass
@@ -123,7 +123,7 @@ def abstract_batch(mesh: Mesh, global_batch: int, chosen_len: int, rejected_len:
                          pair_mask=arr((global_batch,)) if with_pair_mask else None)
 
 
-def batch_shardings(batch: PreferenceBatch) -> Any:
+def batch_shardings(batch: PreferenceBatch | PackedPreferenceBatch) -> Any:
   return jax.tree.map(lambda x: x.sharding, batch)
 
 
@@ -144,8 +144,20 @@ def jit_eval_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch) ->
                  in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch)), out_shardings=replicated)
 
 
-def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool) -> PreferenceBatch:
-  """Per-process numpy batches -> one global PreferenceBatch sharded over (data, fsdp)."""
+def _lookup(table: np.ndarray | None, indices: np.ndarray) -> np.ndarray | None:
+  """Per-pair rows of a reference table; -1 (filler) gives zeros."""
+  if table is None:
+    return None
+  return np.where(indices[..., None] >= 0, table[np.maximum(indices, 0)], 0.0).astype(np.float32)
+
+
+def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
+                 reference_table: np.ndarray | None = None) -> PreferenceBatch | PackedPreferenceBatch:
+  """Per-process numpy batches -> one global batch sharded over (data, fsdp).
+
+  Packed batches (a ``tokens`` key) become a PackedPreferenceBatch. ``reference_table``
+  (``[N, 2]`` precomputed reference sums per dataset pair) is looked up by ``pair_indices``.
+  """
   count = jax.process_count()
 
   def arr(x):
@@ -153,9 +165,16 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool) -> 
     shape = (x.shape[0] * count, *x.shape[1:])
     return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
 
-  def side(s):
-    return GeneratedSequenceBatch(sequences=arr(local[f"{s}_tokens"]), response_mask=arr(local[f"{s}_response_mask"]),
-                                  segment_ids=arr(local[f"{s}_segment_ids"]))
+  ref = _lookup(reference_table, np.asarray(local["pair_indices"]))
+  if "tokens" in local:
+    return PackedPreferenceBatch(sequences=arr(local["tokens"]), segment_ids=arr(local["segment_ids"]),
+                                 response_mask=arr(local["response_mask"]), pair_mask=arr(local["pair_mask"]),
+                                 reference_sequence_log_probs=None if ref is None else arr(ref))
 
-  return PreferenceBatch(chosen=side("chosen"), rejected=side("rejected"),
+  def side(s, j):
+    return GeneratedSequenceBatch(sequences=arr(local[f"{s}_tokens"]), response_mask=arr(local[f"{s}_response_mask"]),
+                                  segment_ids=arr(local[f"{s}_segment_ids"]),
+                                  reference_sequence_log_probs=None if ref is None else arr(ref[:, j]))
+
+  return PreferenceBatch(chosen=side("chosen", 0), rejected=side("rejected", 1),
                          pair_mask=arr(local["pair_mask"]) if with_pair_mask else None)

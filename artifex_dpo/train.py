@@ -8,6 +8,7 @@ into exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -24,6 +26,7 @@ from jax.experimental import multihost_utils
 from artifex_dpo import checkpoint as ckpt_lib
 from artifex_dpo import config as config_lib
 from artifex_dpo import metrics as metrics_lib
+from artifex_dpo import reference
 from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
 from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
@@ -33,7 +36,8 @@ from artifex_dpo.models.config import ModelConfig
 
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
 # Config keys whose change makes a checkpoint unusable (unless checkpoint.allow_change).
-_FROZEN_KEYS = ("model.preset", "model.hf_checkpoint", "model.param_dtype", "data.train_files",
+_FROZEN_KEYS = ("model.preset", "model.hf_checkpoint", "model.param_dtype", "data.train_files", "data.packing",
+                "data.pack_length", "data.max_pairs_per_row",
                 "data.tokenizer", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
                 "data.seed", "data.shuffle", "data.synthetic_pairs", "data.eval_split",
                 "train.global_batch_size")
@@ -181,13 +185,20 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   mcfg = build_model_config(c, tokenizer)
   dpo_cfg = config_lib.dpo_config(c)
   tx, schedule = build_optimizer(c)
-  if c.dpo.precompute_ref_logps:
-    raise config_lib.ConfigError("dpo.precompute_ref_logps", "not available in the training service yet")
   spec = state_lib.build_state_spec(mcfg, tx, mesh, init_seed=c.model.init_seed,
                                     ref_dtype=c.model.ref_dtype if dpo_cfg.needs_reference else None)
   state = state_lib.init_state(spec, c.model.hf_checkpoint)
   # The reference is rebuilt from its source on every start (never saved): before any restore.
   ref_state = state_lib.init_reference(spec, state, c.model.ref_hf_checkpoint)
+  train_ref = eval_ref = None
+  if c.dpo.precompute_ref_logps and ref_state is not None:
+    kw = dict(batch_size=c.train.eval_batch_size, pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
+              chunk_size=c.dpo.logits_chunk_size)
+    train_ref = reference.load_or_compute(workdir, "train", spec, ref_state, train_ds, **kw)
+    eval_ref = reference.load_or_compute(workdir, "eval", spec, ref_state, eval_ds, **kw) if eval_ds else None
+    # From here on no reference model is held in memory and the step runs no reference forward.
+    spec = dataclasses.replace(spec, ref_graphdef=None, abstract_ref=None, ref_shardings=None)
+    ref_state = None
 
   # --- Resume ---------------------------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
@@ -208,7 +219,11 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   loader = PreferenceLoader(train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
-                            start_step=start, num_steps=c.train.steps)
+                            start_step=start, num_steps=c.train.steps, packing=c.data.packing,
+                            row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None)
+  if c.data.packing:
+    logging.info("packing: %d pairs in %d rows of %d tokens (%.1f%% real tokens)", len(train_ds),
+                 loader.plan.num_rows, loader.plan.row_length, 100 * loader.plan.fill)
   jit_cache: dict[Any, Any] = {}
 
   def compiled(kind, batch):
@@ -232,7 +247,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     total_pairs = 0
     for i, local in enumerate(eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(),
                                            jax.process_count(), c.data.pad_multiple, c.data.max_length)):
-      batch = state_lib.global_batch(local, mesh, with_pair_mask=True)
+      batch = state_lib.global_batch(local, mesh, with_pair_mask=True, reference_table=eval_ref)
       m = jax.device_get(compiled("eval", batch)(state, ref_state, batch))
       real = min(c.train.eval_batch_size, len(eval_ds) - i * c.train.eval_batch_size)
       total_pairs += real
@@ -259,7 +274,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   pending = None  # the previous step's metrics, fetched one step late to keep the device busy
   profile = [int(x) for x in c.train.profile_steps.split(",")] if c.train.profile_steps else None
 
-  def finish_step(step, m, tokens, flops) -> bool:
+  def finish_step(step, m, tokens, flops, pairs) -> bool:
     """Host-side bookkeeping of a finished step; False when the run must stop (diverged)."""
     nonlocal nonfinite_run, last_log_time, interval_tokens, interval_flops, interval_steps
     m = jax.device_get(m)
@@ -275,7 +290,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
              "tokens_per_s": interval_tokens / elapsed, "step_s": elapsed / interval_steps,
              "mfu": interval_flops / elapsed / (peak * jax.device_count())}
       row.update({k: float(v) for k, v in m.items()})
-      row["tokens"] = tokens
+      row["tokens"], row["pairs"] = tokens, pairs
       row.update(counters)
       writer.write(row)
       eta = (c.train.steps - step) * (now - loop_start) / max(steps_done, 1)
@@ -294,18 +309,20 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         step = step_index + 1  # steps count optimizer updates from 1
         if profile and step == profile[0]:
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        batch = state_lib.global_batch(local, mesh, with_pair_mask=False)
-        pairs_read += len(local["chosen_tokens"])
+        batch = state_lib.global_batch(local, mesh, with_pair_mask=False, reference_table=train_ref)
+        pairs_read += int(np.sum(local["pair_indices"] >= 0))
         state, m = compiled("train", batch)(state, ref_state, batch)
-        seq_len = batch.chosen.length
         tokens = float(local["global_num_tokens"])
-        flops = tokens * forward_flops_per_token(mcfg, seq_len) * (3.0 + ref_forward)
+        pairs = float(local.get("global_num_pairs", c.train.global_batch_size))
+        # Attention FLOPs follow the real sequence lengths, not the padded or packed row length.
+        mean_len = max(1, round(tokens / (2 * pairs)))
+        flops = tokens * forward_flops_per_token(mcfg, mean_len) * (3.0 + ref_forward)
         steps_done += 1
         # The previous step's metrics are fetched only now, so the device always has work queued.
         if pending is not None and not finish_step(*pending):
           exit_code = EXIT_DIVERGED
           break
-        pending = (step, m, tokens, flops)
+        pending = (step, m, tokens, flops, pairs)
         if profile and step == profile[1]:
           jax.profiler.stop_trace()
         preempted = preemption.reached(step)  # every process gets the same answer at the same step
