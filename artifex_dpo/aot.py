@@ -21,6 +21,8 @@ import time
 # libtpu looks for TPU hosts at start-up; on a machine without TPUs these quiet it down.
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Compiling needs no exclusive TPU access: don't fail on another process's libtpu lock.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -56,8 +58,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   from artifex_dpo import config as config_lib
   from artifex_dpo import sharding
   from artifex_dpo import state as state_lib
-  from artifex_dpo.models import forward_flops_per_token, get_preset
-  from artifex_dpo.train import build_optimizer
+  from artifex_dpo.models import forward_flops_per_token
+  from artifex_dpo.train import build_model_config, build_optimizer
 
   chip = chip_of(topology)
   hbm, peak, bandwidth = CHIPS[chip]
@@ -67,12 +69,7 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
     mesh = sharding.make_mesh(c.mesh, devices=devices)
   except sharding.MeshError as e:
     raise config_lib.ConfigError("mesh", str(e)) from None
-  kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-  if c.model.hf_checkpoint:
-    from artifex_dpo.models import config_from_hf
-    mcfg = config_from_hf(c.model.hf_checkpoint, **kw)
-  else:
-    mcfg = get_preset(c.model.preset, **kw)
+  mcfg = build_model_config(c)
   dpo_cfg = config_lib.dpo_config(c)
   tx, _ = build_optimizer(c)
   keep_ref = dpo_cfg.needs_reference and not c.dpo.precompute_ref_logps

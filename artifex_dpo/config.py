@@ -36,6 +36,7 @@ DOCS: dict[str, str] = {
     "model.ref_dtype": "reference parameter dtype: float32 | bfloat16 (bf16 halves its memory)",
     "model.remat": "activation rematerialisation: none | full | dots_saveable",
     "model.init_seed": "seed of the random initialisation when no checkpoint is given",
+    "model.scan_unroll": "layers per iteration of the layer scan (small models on CPU run faster fully unrolled)",
     "data.train_files": "training files: globs, comma-separated (.jsonl, .parquet, .array_record); "
                         "unset: the built-in synthetic preference set",
     "data.eval_files": "eval files (globs); unset: hold out data.eval_split of the training data",
@@ -106,7 +107,8 @@ def default_config() -> ml_collections.ConfigDict:
   """Every key with its default (see DOCS for what each means)."""
   c = ml_collections.ConfigDict()
   c.model = dict(preset="llama-tiny", hf_checkpoint=placeholder(str), ref_hf_checkpoint=placeholder(str),
-                 dtype="float32", param_dtype="float32", ref_dtype="float32", remat="none", init_seed=0)
+                 dtype="float32", param_dtype="float32", ref_dtype="float32", remat="none", init_seed=0,
+                 scan_unroll=1)
   c.data = dict(train_files=placeholder(str), eval_files=placeholder(str), eval_split=0.1, format="auto",
                 tokenizer=placeholder(str), max_length=512, max_prompt_length=256, truncation_mode="keep_end",
                 pad_multiple=64, packing=False, pack_length=0, max_pairs_per_row=0, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)

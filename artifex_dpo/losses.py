@@ -106,15 +106,18 @@ def chunked_token_log_probs(
   hidden_chunks = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
   target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
 
-  @jax.checkpoint
   def one_chunk(h, t):
     logits = jnp.einsum("bcd,dv->bcv", h, unembedding.astype(h.dtype), preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     return picked - lse, jnp.mean(logits, axis=-1)
 
+  # Several chunks: recompute each chunk's logits in the backward pass instead of keeping them
+  # all. One chunk: nothing to save by recomputing.
+  chunk_fn = jax.checkpoint(one_chunk) if num_chunks > 1 else one_chunk
+
   def body(carry, xs):
-    return carry, one_chunk(*xs)
+    return carry, chunk_fn(*xs)
 
   _, (logps, means) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
   logps = logps.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq_len]

@@ -75,16 +75,17 @@ def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, Prefe
   return train, held_out
 
 
-def build_model_config(c, tokenizer) -> ModelConfig:
+def build_model_config(c, tokenizer=None) -> ModelConfig:
+  """The model's shape and options; ``llama-tiny`` takes its vocabulary from the tokenizer (if given)."""
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
   if c.model.hf_checkpoint:
-    mcfg = config_from_hf(c.model.hf_checkpoint, **kw)
-  elif c.model.preset == "llama-tiny":  # trained from scratch: the vocabulary is the tokenizer's
+    mcfg = dataclasses.replace(config_from_hf(c.model.hf_checkpoint, **kw), scan_unroll=c.model.scan_unroll)
+  elif c.model.preset == "llama-tiny" and tokenizer is not None:  # from scratch: the tokenizer's vocabulary
     mcfg = get_preset("llama-tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
-                      bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id, **kw)
+                      bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id, scan_unroll=c.model.scan_unroll, **kw)
   else:
-    mcfg = get_preset(c.model.preset, **kw)
-  if tokenizer.vocab_size > mcfg.vocab_size:
+    mcfg = get_preset(c.model.preset, scan_unroll=c.model.scan_unroll, **kw)
+  if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
     raise config_lib.ConfigError("data.tokenizer", f"has {tokenizer.vocab_size} ids, more than the model's "
                                                    f"vocabulary of {mcfg.vocab_size}")
   return mcfg
@@ -156,9 +157,43 @@ class _Preemption:
 # ------------------------------------------------------------------------------------------
 
 
-def run(c: ml_collections.ConfigDict, workdir: str) -> int:
-  """Trains as configured; returns the exit code."""
-  is_main = jax.process_index() == 0
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds before its first step (shared by the loop and the benchmarks)."""
+
+  tokenizer: Any
+  train_ds: PreferenceDataset
+  eval_ds: PreferenceDataset | None
+  mesh: Any
+  model_config: Any
+  dpo_config: Any
+  schedule: Any
+  spec: state_lib.StateSpec
+  state: Any
+  ref_state: Any
+  train_ref: np.ndarray | None
+  eval_ref: np.ndarray | None
+  counters: dict[str, int]
+
+  def loader(self, c, start_step: int = 0, num_steps: int | None = None) -> PreferenceLoader:
+    return PreferenceLoader(
+        self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
+        max_length=c.data.max_length, start_step=start_step, num_steps=num_steps, packing=c.data.packing,
+        row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None)
+
+  def step_flops(self, local: dict[str, Any], c) -> tuple[float, float, float]:
+    """``(tokens, pairs, model FLOPs)`` of a loaded batch (policy fwd+bwd, reference fwd if in memory)."""
+    tokens = float(local["global_num_tokens"])
+    pairs = float(local.get("global_num_pairs", c.train.global_batch_size))
+    # Attention FLOPs follow the real sequence lengths, not the padded or packed row length.
+    mean_len = max(1, round(tokens / (2 * pairs)))
+    ref_forward = 1.0 if self.ref_state is not None else 0.0
+    return tokens, pairs, tokens * forward_flops_per_token(self.model_config, mean_len) * (3.0 + ref_forward)
+
+
+def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """Data, mesh, sharded policy/optimizer/reference (and the reference pass when precomputing)."""
   os.makedirs(workdir, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
 
@@ -199,6 +234,17 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     # From here on no reference model is held in memory and the step runs no reference forward.
     spec = dataclasses.replace(spec, ref_graphdef=None, abstract_ref=None, ref_shardings=None)
     ref_state = None
+  return Setup(tokenizer, train_ds, eval_ds, mesh, mcfg, dpo_cfg, schedule, spec, state, ref_state, train_ref,
+               eval_ref, counters)
+
+
+def run(c: ml_collections.ConfigDict, workdir: str) -> int:
+  """Trains as configured; returns the exit code."""
+  is_main = jax.process_index() == 0
+  setup = build(c, workdir)
+  train_ds, eval_ds, mesh = setup.train_ds, setup.eval_ds, setup.mesh
+  dpo_cfg, schedule, spec, state, ref_state = setup.dpo_config, setup.schedule, setup.spec, setup.state, setup.ref_state
+  train_ref, eval_ref, counters = setup.train_ref, setup.eval_ref, setup.counters
 
   # --- Resume ---------------------------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
@@ -216,11 +262,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     logging.info("resumed from %s/%d", checkpointer.directory, latest)
 
   # --- Compile --------------------------------------------------------------------------------
-  loader = PreferenceLoader(train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
-                            process_index=jax.process_index(), process_count=jax.process_count(),
-                            pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
-                            start_step=start, num_steps=c.train.steps, packing=c.data.packing,
-                            row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None)
+  loader = setup.loader(c, start_step=start, num_steps=c.train.steps)
   if c.data.packing:
     logging.info("packing: %d pairs in %d rows of %d tokens (%.1f%% real tokens)", len(train_ds),
                  loader.plan.num_rows, loader.plan.row_length, 100 * loader.plan.fill)
@@ -267,7 +309,6 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
 
   # --- Loop -----------------------------------------------------------------------------------
   preemption = _Preemption()
-  ref_forward = 1.0 if ref_state is not None else 0.0
   nonfinite_run, exit_code = 0, EXIT_OK
   last_log_time, interval_tokens, interval_flops, interval_steps = time.time(), 0.0, 0.0, 0
   loop_start, steps_done = time.time(), 0
@@ -312,11 +353,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         batch = state_lib.global_batch(local, mesh, with_pair_mask=False, reference_table=train_ref)
         pairs_read += int(np.sum(local["pair_indices"] >= 0))
         state, m = compiled("train", batch)(state, ref_state, batch)
-        tokens = float(local["global_num_tokens"])
-        pairs = float(local.get("global_num_pairs", c.train.global_batch_size))
-        # Attention FLOPs follow the real sequence lengths, not the padded or packed row length.
-        mean_len = max(1, round(tokens / (2 * pairs)))
-        flops = tokens * forward_flops_per_token(mcfg, mean_len) * (3.0 + ref_forward)
+        tokens, pairs, flops = setup.step_flops(local, c)
         steps_done += 1
         # The previous step's metrics are fetched only now, so the device always has work queued.
         if pending is not None and not finish_step(*pending):

@@ -13,10 +13,12 @@ Run (every host runs the same command; launch/gke.py renders it for GKE):
 
 ``model.hf_checkpoint`` is a local folder (config.json + *.safetensors): on GKE a bucket mounted
 with ``launch/gke.py --gcsfuse=BUCKET`` (at /gcs/BUCKET). ``data.tokenizer`` may be left out: the
-checkpoint folder's tokenizer is used. Memory (per chip, FSDP over 16): fp32 master weights + Adam
-moments + gradients ~ 8.0e9 x 16 B / 16 = 8 GB, bf16 reference 1 GB; with full remat the saved
-layer inputs of a 64-pair microbatch (4 pairs = 8 sequences x 4096 tokens per chip) take
-~ 32k x 4096 x 2 B x 32 layers = 8.6 GB. Every key is documented in artifex_dpo/config.py (DOCS).
+checkpoint folder's tokenizer is used. Every key is documented in artifex_dpo/config.py (DOCS).
+
+Memory per chip (FSDP over 16): fp32 master weights + Adam moments + gradients ~ 8.0e9 x 16 B / 16
+= 8 GB, bf16 reference 1 GB. The AOT compile puts the step at 64 GB of the chip's 95 GiB with
+microbatches of 32 pairs (2 pairs = 4 sequences x 4096 tokens per chip); 64-pair microbatches
+need 121 GB and do not fit.
 """
 
 from artifex_dpo.config import default_config
@@ -47,8 +49,8 @@ def get_config():
   c.optim.grad_clip_norm = 1.0
   c.train.steps = 500                       # ~1 epoch of 64k pairs; raise it for larger sets
   c.train.global_batch_size = 128           # pairs per update
-  c.train.grad_accum_steps = 2              # microbatches of 64 pairs: 4 per chip
-  c.train.eval_batch_size = 64              # a multiple of the batch axes (data x fsdp = 16)
+  c.train.grad_accum_steps = 4              # microbatches of 32 pairs: 2 per chip (AOT: 64 GB of 95 GiB)
+  c.train.eval_batch_size = 32              # as a microbatch; a multiple of the batch axes (data x fsdp = 16)
   c.train.log_every = 10
   c.train.eval_every = 100
   c.checkpoint.save_every = 50              # ~20 min of v5p-32 time at most lost to a hard failure

@@ -67,6 +67,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   # Rematerialisation of each scanned layer: "none" | "full" | "dots_saveable".
   remat: str = "none"
+  # Layers per iteration of the layer scan (1: a loop over layers, num_layers: fully unrolled;
+  # unrolling small models lets XLA fuse across layers, which helps on CPU).
+  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.rope_scaling is not None:
@@ -131,6 +134,8 @@ class ModelConfig:
     _check_choice("dtype", self.dtype, DTYPES)
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("remat", self.remat, REMAT_POLICIES)
+    if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+      raise ValueError(f"scan_unroll must be an int >= 1, got {self.scan_unroll!r}")
     validate_rope_scaling(self.rope_scaling)
 
   def replace(self, **kwargs: Any) -> ModelConfig:

@@ -302,7 +302,7 @@ class DecoderLayers(nnx.Module):
     use_ckpt, policy = remat_policy(config.remat)
     if use_ckpt:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, self.stacked())
+    x, _ = jax.lax.scan(body, x, self.stacked(), unroll=min(config.scan_unroll, config.num_layers))
     return x
 
 

@@ -1,0 +1,75 @@
+"""Ours vs TRL (and optionally Tunix) on the standard workload, side by side, in one run.
+
+    python benchmarks/compare_peers.py [--workload=/tmp/wl] [--steps=12] [--tunix_python=PATH]
+
+Writes the workload with ``../shared/bench/make_workload.py`` if absent, then runs, one after the
+other on this machine: ours without packing (reference model in memory), ours with packing and
+precomputed reference log-probs, TRL's DPOTrainer (``peer_trl.py``) with its reference model and
+with ``PRECOMPUTE=1``, and Tunix (``peer_tunix.py``) when a Python with google-tunix is given.
+Prints each result as a JSON line, then a table with the ratios to the faster peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(os.path.dirname(ROOT), "shared", "bench")
+
+
+def _json_line(out: str) -> dict:
+  for line in reversed(out.splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  raise RuntimeError(f"no JSON line in:\n{out[-3000:]}")
+
+
+def run(cmd, env=None) -> dict:
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **(env or {})), capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+  return _json_line(proc.stdout)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workload", default="/tmp/artifex-wl")
+  p.add_argument("--steps", type=int, default=12)
+  p.add_argument("--bench", default=BENCH, help="folder with make_workload.py, peer_trl.py, peer_tunix.py")
+  p.add_argument("--tunix_python", default=None, help="a Python with google-tunix installed")
+  p.add_argument("--pad_multiple", type=int, default=16)
+  a = p.parse_args()
+  py = sys.executable
+  if not os.path.exists(os.path.join(a.workload, "hf_model", "config.json")):
+    subprocess.run([py, os.path.join(a.bench, "make_workload.py"), a.workload], check=True)
+  ours = [py, "benchmarks/step_throughput.py", f"--workload={a.workload}", f"--steps={a.steps}",
+          f"--config.data.pad_multiple={a.pad_multiple}"]
+  cpu = {"JAX_PLATFORMS": "cpu"}
+  results = {
+      "ours": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours"], cpu),
+      "ours_packed_precomputed": run(ours + ["--workdir=/tmp/artifex-bench-packed", "--label=ours_packed_precomputed",
+                                             "--config.data.packing=True", "--config.dpo.precompute_ref_logps=True"], cpu),
+      "trl": run([py, os.path.join(a.bench, "peer_trl.py"), a.workload, str(a.steps)]),
+      "trl_precompute": run([py, os.path.join(a.bench, "peer_trl.py"), a.workload, str(a.steps)], {"PRECOMPUTE": "1"}),
+  }
+  if a.tunix_python:
+    results["tunix"] = run([a.tunix_python, os.path.join(a.bench, "peer_tunix.py"), a.workload, str(a.steps)], cpu)
+  for name, r in results.items():
+    print(json.dumps({"name": name, **r}))
+  peers = [results[k]["tokens_per_s"] for k in ("trl", "tunix") if k in results]
+  fastest = max(peers)
+  print(f"\n{'setting':28s} {'tokens/s':>9s} {'vs faster peer':>15s} {'vs TRL precompute':>18s} {'mfu':>6s} "
+        f"{'memory (MB)':>12s}")
+  for name, r in results.items():
+    mem = r.get("memory", {}).get("total_bytes")
+    print(f"{name:28s} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / fastest:15.2f} "
+          f"{r['tokens_per_s'] / results['trl_precompute']['tokens_per_s']:18.2f} "
+          f"{r.get('mfu', float('nan')):6.3f} {mem / 2**20 if mem else float('nan'):12.0f}")
+
+
+if __name__ == "__main__":
+  main()
