@@ -144,10 +144,8 @@ def jit_eval_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch) ->
                  in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch)), out_shardings=replicated)
 
 
-def _lookup(table: np.ndarray | None, indices: np.ndarray) -> np.ndarray | None:
+def _lookup(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
   """Per-pair rows of a reference table; -1 (filler) gives zeros."""
-  if table is None:
-    return None
   return np.where(indices[..., None] >= 0, table[np.maximum(indices, 0)], 0.0).astype(np.float32)
 
 
@@ -165,7 +163,7 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
     shape = (x.shape[0] * count, *x.shape[1:])
     return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
 
-  ref = _lookup(reference_table, np.asarray(local["pair_indices"]))
+  ref = None if reference_table is None else _lookup(reference_table, np.asarray(local["pair_indices"]))
   if "tokens" in local:
     return PackedPreferenceBatch(sequences=arr(local["tokens"]), segment_ids=arr(local["segment_ids"]),
                                  response_mask=arr(local["response_mask"]), pair_mask=arr(local["pair_mask"]),

@@ -180,7 +180,9 @@ class Setup:
         self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
         max_length=c.data.max_length, start_step=start_step, num_steps=num_steps, packing=c.data.packing,
-        row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None)
+        row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None,
+        pack_batches=c.data.pack_batches,
+        row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()))
 
   def step_flops(self, local: dict[str, Any], c) -> tuple[float, float, float]:
     """``(tokens, pairs, model FLOPs)`` of a loaded batch (policy fwd+bwd, reference fwd if in memory)."""

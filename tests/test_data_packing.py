@@ -250,3 +250,37 @@ def test_packed_eval_batches_cover_each_pair_once():
   assert sum(b["num_pairs"] for b in batches) == len(ds)
   assert all(b["global_num_pairs"] == b["num_pairs"] for b in batches)
   assert (batches[-1]["segment_ids"][plan.num_rows % 4 :] == 0).all()
+
+
+def test_pack_batches_keeps_the_global_batch_and_splits_rows_over_processes():
+  """Per-batch packing: each step holds exactly the padded loader's pairs, laid out in rows."""
+  from artifex_dpo.data.formats import TokenizedPair
+  from artifex_dpo.data.pipeline import PreferenceDataset, PreferenceLoader
+
+  rng = np.random.default_rng(0)
+  pairs = [TokenizedPair(rng.integers(0, 50, rng.integers(2, 20)), rng.integers(0, 50, rng.integers(1, 20)),
+                         rng.integers(0, 50, rng.integers(1, 20))) for _ in range(40)]
+  ds = PreferenceDataset.from_pairs(pairs, pad_id=0)
+  padded = PreferenceLoader(ds, 8, seed=3, pad_multiple=8, max_length=40)
+  for step in range(12):
+    want = sorted(padded.global_indices(step).tolist())
+    got, rows = [], []
+    for p in range(2):
+      loader = PreferenceLoader(ds, 8, seed=3, pad_multiple=8, max_length=40, process_index=p, process_count=2,
+                                pack_batches=True, row_multiple=2)
+      b = loader.load(step)
+      rows.append(b["tokens"].shape[0])
+      got += [i for i in b["pair_indices"].reshape(-1).tolist() if i >= 0]
+      assert b["global_num_pairs"] == 8
+      assert b["global_num_tokens"] == int(ds.lengths[padded.global_indices(step)].sum())
+      # Each packed sequence is the pair's prompt + response.
+      for r in range(b["tokens"].shape[0]):
+        for slot, idx in enumerate(b["pair_indices"][r]):
+          if idx < 0:
+            continue
+          pr = ds[idx]
+          seq = b["tokens"][r][b["segment_ids"][r] == 2 * slot + 1]
+          np.testing.assert_array_equal(seq, np.concatenate([pr.prompt_ids, pr.chosen_ids]))
+    assert sorted(got) == want
+    assert rows[0] == rows[1] and (2 * rows[0]) % 4 == 0
+    assert 2 * rows[0] * 80 < 8 * 2 * 40 * 2  # fewer token slots than padding every pair to max_length

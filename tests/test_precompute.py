@@ -51,3 +51,16 @@ def test_cache_key_depends_on_data_and_weights():
   assert f != f2 and f == reference.weights_fingerprint(w)
   keys = {reference.cache_key(d, fp, 512) for d in (ds, ds2) for fp in (f, f2)}
   assert len(keys) == 4
+
+
+def test_pack_batches_gives_the_padded_losses(tmp_path):
+  """Same pairs per step, laid out padding-free: the same losses as padded batches."""
+  padded = run_main(tmp_path / "padded", *ARGS)
+  assert padded.returncode == 0, padded.stderr[-3000:]
+  packed = run_main(tmp_path / "packed", *ARGS, "--config.data.pack_batches=True")
+  assert packed.returncode == 0, packed.stderr[-3000:]
+  (a, a_eval), (b, b_eval) = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
+  for s in a:
+    for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "tokens", "pairs"):
+      np.testing.assert_allclose(b[s][k], a[s][k], rtol=1e-4, atol=1e-5, err_msg=f"{k}@{s}")
+  np.testing.assert_allclose(b_eval["eval/loss"], a_eval["eval/loss"], rtol=1e-4)

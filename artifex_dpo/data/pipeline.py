@@ -33,6 +33,7 @@ packed layout (``tokens``, ``segment_ids``, ``response_mask`` [r, L], ``pair_mas
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -506,6 +507,8 @@ class PreferenceLoader:
       row_length: int | None = None,
       max_pairs_per_row: int | None = None,
       plan: PackingPlan | None = None,
+      pack_batches: bool = False,
+      row_multiple: int = 1,
   ):
     if len(dataset) == 0:
       raise DataError(None, None, "empty dataset")
@@ -527,6 +530,12 @@ class PreferenceLoader:
     self.plan = None
     if self.packing:
       self.plan = _packing_plan(dataset, self.max_length, row_length, max_pairs_per_row, plan)
+    # Per-batch packing: the same pairs per step as padded batches, laid out padding-free.
+    self.pack_batches = bool(pack_batches) and not self.packing
+    self._row_length = int(row_length) if row_length else 2 * self.max_length
+    self._max_pairs_per_row = int(max_pairs_per_row) if max_pairs_per_row else default_max_pairs_per_row(
+        self._row_length)
+    self._row_multiple = max(1, int(row_multiple)) * self.process_count
     self.num_steps = num_steps
     self._num_threads, self._prefetch = int(num_threads), int(prefetch)
     self._position = int(start_step)
@@ -564,9 +573,28 @@ class PreferenceLoader:
       batch["global_num_pairs"] = int(self.plan.row_sizes[g].sum())
       return batch
     lengths = self.dataset.lengths[g]
+    if self.pack_batches:
+      return self._load_packed_batch(g)
     length = pad_length(int(lengths.max()), self.max_length, self.pad_multiple)
     batch = make_batch(self.dataset, g[self._slice], length)
     batch["global_num_tokens"] = int(lengths.sum())
+    return batch
+
+  def _load_packed_batch(self, g: np.ndarray) -> dict[str, Any]:
+    """The global batch's pairs packed (FFD) into the fewest rows; this process's share of the rows.
+
+    The row count is rounded up to a multiple of ``row_multiple`` x processes (so rows divide
+    over devices and processes); every process computes the same plan from the global batch.
+    """
+    local_plan = plan_packing(self.dataset.lengths[g], self._row_length, self._max_pairs_per_row)
+    plan = dataclasses.replace(local_plan, pair_indices=g[local_plan.pair_indices])
+    rows = -(-plan.num_rows // self._row_multiple) * self._row_multiple
+    row_ids = np.where(np.arange(rows) < plan.num_rows, np.arange(rows), -1)
+    per_process = rows // self.process_count
+    mine = row_ids[self.process_index * per_process:(self.process_index + 1) * per_process]
+    batch = make_packed_batch(self.dataset, plan, mine, self._row_length, self._max_pairs_per_row)
+    batch["global_num_tokens"] = int(self.dataset.lengths[g].sum())
+    batch["global_num_pairs"] = len(g)
     return batch
 
   def _load_with_step(self, step: int) -> tuple[int, dict[str, Any]]:
