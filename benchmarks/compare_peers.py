@@ -3,7 +3,8 @@
     python benchmarks/compare_peers.py [--workload=/tmp/wl] [--steps=12] [--tunix_python=PATH]
 
 Writes the workload with ``../shared/bench/make_workload.py`` if absent, then runs, one after the
-other on this machine: ours without packing (reference model in memory), ours with packing and
+other on this machine: ours without packing (reference model in memory; padded batches, and the same
+batches laid out padding-free with ``data.pack_batches``), ours with packing and
 precomputed reference log-probs, TRL's DPOTrainer (``peer_trl.py``) with its reference model and
 with ``PRECOMPUTE=1``, and Tunix (``peer_tunix.py``) when a Python with google-tunix is given.
 Prints each result as a JSON line, then a table with the ratios to the faster peer.
@@ -47,10 +48,12 @@ def main():
   if not os.path.exists(os.path.join(a.workload, "hf_model", "config.json")):
     subprocess.run([py, os.path.join(a.bench, "make_workload.py"), a.workload], check=True)
   ours = [py, "benchmarks/step_throughput.py", f"--workload={a.workload}", f"--steps={a.steps}",
-          f"--config.data.pad_multiple={a.pad_multiple}"]
+          f"--config.data.pad_multiple={a.pad_multiple}", "--config.model.scan_unroll=4"]
   cpu = {"JAX_PLATFORMS": "cpu"}
   results = {
       "ours": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours"], cpu),
+      "ours_pack_batches": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours_pack_batches",
+                                       "--config.data.pack_batches=True"], cpu),
       "ours_packed_precomputed": run(ours + ["--workdir=/tmp/artifex-bench-packed", "--label=ours_packed_precomputed",
                                              "--config.data.packing=True", "--config.dpo.precompute_ref_logps=True"], cpu),
       "trl": run([py, os.path.join(a.bench, "peer_trl.py"), a.workload, str(a.steps)]),

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,38 +11,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from test_multihost import _free_port
-from test_service import ROOT, _error_line, read_rows, run_main
+from processes import start, wait
+from test_service import _error_line, read_rows, run_main
 
 BASE = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.checkpoint.save_every=0",
         "--config.data.synthetic_pairs=256", "--config.train.global_batch_size=8", "--config.train.eval_batch_size=16",
         "--config.optim.learning_rate=1e-3"]
 EXACT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
               "logps/rejected", "grad_norm", "learning_rate", "tokens", "train/nonfinite_steps")
-
-
-def start(workdir, *overrides, processes=1, devices=1):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  base = [sys.executable, "-m", "artifex_dpo.main", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
-  if processes == 1:
-    return [subprocess.Popen(base, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-  port = _free_port()
-  return [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-                                   f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for i in range(processes)]
-
-
-def wait(procs, timeout=600):
-  out = []
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    out.append((p.returncode, err))
-  return out
 
 
 def wait_for_step(workdir, step, procs, timeout=300):

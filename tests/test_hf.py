@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from artifex_dpo import sharding
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -264,16 +266,8 @@ def test_tokenizer_files_and_atomic_write(hf_models, tmp_path, monkeypatch):
   assert (out / "tokenizer.json").is_file()  # a failed re-export keeps the previous one
 
 
-RULES = {
-    "layers": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "norm": None,
-}
+# Parameter axes only ("batch" maps to a tuple of axes and is not a parameter axis).
+RULES = {k: v for k, v in sharding.LOGICAL_RULES.items() if k != "batch"}
 
 
 def _shardings(abstract, mesh):

@@ -1,44 +1,17 @@
 """Two real processes on 127.0.0.1 (jax.distributed + gloo) give the single-process losses."""
 
-import json
-import socket
-import subprocess
-import sys
-
 import numpy as np
-import pytest
 
-from test_service import ROOT, read_rows, run_main
+from processes import start, wait
+from test_service import read_rows, run_main
 
 ARGS = ["--config.train.steps=6", "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.export.hf=False", "--config.checkpoint.save_every=0", "--config.data.synthetic_pairs=256",
         "--config.train.global_batch_size=8", "--config.train.eval_batch_size=16"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def run_two_processes(workdir, *overrides, timeout=600):
-  port = _free_port()
-  import os
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "artifex_dpo.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *overrides],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = []
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outs.append((p.returncode, err))
-  return outs
+  return wait(start(workdir, *overrides, processes=2), timeout=timeout)
 
 
 def test_two_processes_match_one(tmp_path):
