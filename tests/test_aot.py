@@ -1,0 +1,48 @@
+"""`python -m artifex_dpo.aot`: the real step compiled for a TPU topology on this CPU machine (libtpu)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from artifex_dpo.models import count_params, forward_flops_per_token, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+def _aot(*args):
+  env = dict(os.environ)
+  env.pop("JAX_PLATFORMS", None)  # the TPU compiler plugin must be loadable
+  return subprocess.run([sys.executable, "-m", "artifex_dpo.aot", "--config=configs/tiny.py", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_llama_tiny_compiles_for_v5e_2x2():
+  proc = _aot("--topology=v5e:2x2", "--config.train.global_batch_size=8", "--config.data.max_length=64")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["topology"] == "v5e:2x2" and report["devices"] == 4
+  assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert report["hbm_bytes"] == 16 * 2**30 and report["fits"] is True
+  # At least this device's shard of the policy, two Adam moments and the reference (float32).
+  cfg = get_preset("llama-tiny")
+  assert report["per_device_bytes"] >= 4 * 4 * count_params(cfg) / 4
+  assert report["per_device_bytes"] >= report["argument_bytes"] > 0
+  tokens = 2 * 8 * 64
+  assert report["tokens_per_step"] == tokens
+  # Policy forward + backward (3x) and reference forward (1x), from the architecture.
+  assert report["model_flops_per_step"] == pytest.approx(tokens * forward_flops_per_token(cfg, 64) * 4, rel=1e-9)
+  assert report["flops_per_device"] > 0
+  assert report["roofline_step_s"] >= report["model_flops_per_step"] / (4 * 197e12)
+
+
+def test_mesh_that_does_not_match_the_topology_exits_2():
+  proc = _aot("--topology=v5e:2x2", "--config.mesh.ici.fsdp=3")
+  assert proc.returncode == 2
+  assert "mesh" in proc.stderr.strip().splitlines()[-1]
