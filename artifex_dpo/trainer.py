@@ -143,8 +143,8 @@ def dpo_loss(
                                jnp.zeros_like(policy.logit_sum))
   else:
     ref_logps = _reference_token_log_probs(reference_model, both, settings, logps, chunk_size)
-    ref = losses.sequence_stats(jax.lax.stop_gradient(ref_logps), mask)
-  ref = jax.tree.map(jax.lax.stop_gradient, ref)
+    ref = losses.sequence_stats(ref_logps, mask)
+  ref = jax.tree.map(jax.lax.stop_gradient, ref)  # the reference is never differentiated
   split = lambda s: (jax.tree.map(lambda x: x[:n], s), jax.tree.map(lambda x: x[n:], s))
   (chosen, rejected), (ref_chosen, ref_rejected) = split(policy), split(ref)
   loss, metrics = losses.preference_loss(
@@ -183,8 +183,8 @@ def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, setti
     ref_rejected = losses.SequenceStats(ref[:, 1], rejected.num_tokens, jnp.zeros_like(ref[:, 1]))
   else:
     ref_logps, _ = token_log_probs(reference_model, batch.sequences, batch.segment_ids, None, chunk_size)
-    ref_chosen, ref_rejected = _packed_stats(jax.lax.stop_gradient(ref_logps), None, batch)
-  ref_chosen, ref_rejected = jax.tree.map(jax.lax.stop_gradient, (ref_chosen, ref_rejected))
+    ref_chosen, ref_rejected = _packed_stats(ref_logps, None, batch)
+  ref_chosen, ref_rejected = jax.tree.map(jax.lax.stop_gradient, (ref_chosen, ref_rejected))  # never differentiated
   seg = batch.segment_ids
   chosen_mask = batch.response_mask * ((seg > 0) & ((seg - 1) % 2 == 0)).astype(batch.response_mask.dtype)
   loss, metrics = losses.preference_loss(settings, chosen, rejected, ref_chosen, ref_rejected, logps, chosen_mask,
