@@ -107,8 +107,9 @@ def build_optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
   if o.warmup_steps:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), after],
                                     [o.warmup_steps])
-  # Weight decay on matrices only: norms and biases (1-D per layer) are excluded.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2 + ("layers" in _axes(p)), params,
+  # Weight decay on the weight matrices only (every one has an "embed" axis); norms and the q/k/v
+  # biases are excluded.
+  decay_mask = lambda params: jax.tree.map(lambda p: "embed" in _axes(p), params,
                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
   if o.name == "adamw":
     core = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)

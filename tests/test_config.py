@@ -56,3 +56,22 @@ def test_defaults_validate_and_unknown_keys_are_refused():
     c.train.stepz = 3
   with pytest.raises(config_lib.ConfigError, match="train.stepz"):
     config_lib.validate(c)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  """A zero-gradient AdamW update moves exactly the weight matrices (decay), nothing else."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from artifex_dpo.models import LlamaModel, get_preset
+  from artifex_dpo.train import build_optimizer
+
+  c = _cfg(optim__weight_decay=0.1)
+  tx, _ = build_optimizer(c)
+  model = LlamaModel(get_preset("llama-tiny", attention_bias=True), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = {"/".join(map(str, p)) for p, v in nnx.to_flat_state(updates) if bool(jnp.any(v.get_value() != 0))}
+  assert moved == {"embed", "lm_head", "layers/q_proj", "layers/k_proj", "layers/v_proj", "layers/o_proj",
+                   "layers/gate_proj", "layers/up_proj", "layers/down_proj"}
