@@ -27,25 +27,17 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import app, flags
 from ml_collections import config_flags
 
+from artifex_dpo.metrics import TPU_CHIPS
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5p:2x2x4 (v5p-32) or v5e:4x4 (v5e-16).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN).")
 
-GIB = 1024**3
-# Per chip: HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s (Google Cloud TPU docs).
-CHIPS = {
-    "v4": (32 * GIB, 275e12, 1228e9),
-    "v5e": (16 * GIB, 197e12, 819e9),
-    "v5p": (95 * GIB, 459e12, 2765e9),
-    "v6e": (32 * GIB, 918e12, 1640e9),
-}
-
-
 def chip_of(topology: str) -> str:
   name = topology.split(":")[0].lower()
   name = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}.get(name, name)
-  if name not in CHIPS:
-    raise ValueError(f"--topology {topology!r}: unknown TPU generation; known: {', '.join(CHIPS)}")
+  if name not in TPU_CHIPS:
+    raise ValueError(f"--topology {topology!r}: unknown TPU generation; known: {', '.join(TPU_CHIPS)}")
   return name
 
 
@@ -62,7 +54,7 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   from artifex_dpo.train import build_model_config, build_optimizer
 
   chip = chip_of(topology)
-  hbm, peak, bandwidth = CHIPS[chip]
+  hbm, peak, bandwidth = TPU_CHIPS[chip]
   topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices)
   devices = list(topo.devices)
   try:

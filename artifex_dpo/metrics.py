@@ -18,15 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-# Published dense bf16 peak FLOP/s per chip (per device as JAX counts them).
+GIB = 1024**3
+# Per TPU chip (Google Cloud TPU docs): HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s.
+TPU_CHIPS = {
+    "v4": (32 * GIB, 275e12, 1228e9),
+    "v5e": (16 * GIB, 197e12, 819e9),
+    "v5p": (95 * GIB, 459e12, 2765e9),
+    "v6e": (32 * GIB, 918e12, 1640e9),
+}
+# JAX device_kind -> published dense bf16 peak FLOP/s per device (first match wins: "TPU v5 lite"
+# before "TPU v5").
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
+    "TPU v4": TPU_CHIPS["v4"][1],
+    "TPU v5 lite": TPU_CHIPS["v5e"][1],
+    "TPU v5e": TPU_CHIPS["v5e"][1],
+    "TPU v5p": TPU_CHIPS["v5p"][1],
+    "TPU v5": TPU_CHIPS["v5p"][1],
+    "TPU v6 lite": TPU_CHIPS["v6e"][1],
+    "TPU v6e": TPU_CHIPS["v6e"][1],
     "H100": 989e12,
     "H200": 989e12,
     "A100": 312e12,
