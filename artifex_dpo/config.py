@@ -37,6 +37,7 @@ DOCS: dict[str, str] = {
     "model.remat": "activation rematerialisation: none | full | dots_saveable",
     "model.init_seed": "seed of the random initialisation when no checkpoint is given",
     "model.scan_unroll": "layers per iteration of the layer scan (small models on CPU run faster fully unrolled)",
+    "model.attention_block": "query positions per attention block; blocks skip keys wholly in their future (0: dense)",
     "data.train_files": "training files: globs, comma-separated (.jsonl, .parquet, .array_record); "
                         "unset: the built-in synthetic preference set",
     "data.eval_files": "eval files (globs); unset: hold out data.eval_split of the training data",
@@ -110,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(preset="llama-tiny", hf_checkpoint=placeholder(str), ref_hf_checkpoint=placeholder(str),
                  dtype="float32", param_dtype="float32", ref_dtype="float32", remat="none", init_seed=0,
-                 scan_unroll=1)
+                 scan_unroll=1, attention_block=128)
   c.data = dict(train_files=placeholder(str), eval_files=placeholder(str), eval_split=0.1, format="auto",
                 tokenizer=placeholder(str), max_length=512, max_prompt_length=256, truncation_mode="keep_end",
                 pad_multiple=64, packing=False, pack_batches=False, pack_length=0, max_pairs_per_row=0, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
@@ -194,9 +195,9 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   for key in ("data.max_length", "data.max_prompt_length", "data.pad_multiple", "data.synthetic_pairs",
               "train.steps", "train.global_batch_size", "train.grad_accum_steps", "train.log_every",
               "train.eval_batch_size", "train.max_nonfinite_steps", "checkpoint.max_to_keep",
-              "dpo.logits_chunk_size"):
+              "dpo.logits_chunk_size", "model.scan_unroll"):
     _positive(c, key)
-  for key in ("data.pack_length", "data.max_pairs_per_row",
+  for key in ("model.attention_block", "data.pack_length", "data.max_pairs_per_row",
               "train.eval_every", "checkpoint.save_every", "optim.warmup_steps", "optim.weight_decay",
               "optim.grad_clip_norm", "optim.learning_rate"):
     _positive(c, key, allow_zero=True)

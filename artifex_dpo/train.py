@@ -78,13 +78,14 @@ def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, Prefe
 def build_model_config(c, tokenizer=None) -> ModelConfig:
   """The model's shape and options; ``llama-tiny`` takes its vocabulary from the tokenizer (if given)."""
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  runtime = dict(scan_unroll=c.model.scan_unroll, attention_block=c.model.attention_block)
   if c.model.hf_checkpoint:
-    mcfg = dataclasses.replace(config_from_hf(c.model.hf_checkpoint, **kw), scan_unroll=c.model.scan_unroll)
+    mcfg = dataclasses.replace(config_from_hf(c.model.hf_checkpoint, **kw), **runtime)
   elif c.model.preset == "llama-tiny" and tokenizer is not None:  # from scratch: the tokenizer's vocabulary
     mcfg = get_preset("llama-tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
-                      bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id, scan_unroll=c.model.scan_unroll, **kw)
+                      bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id, **runtime, **kw)
   else:
-    mcfg = get_preset(c.model.preset, scan_unroll=c.model.scan_unroll, **kw)
+    mcfg = get_preset(c.model.preset, **runtime, **kw)
   if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
     raise config_lib.ConfigError("data.tokenizer", f"has {tokenizer.vocab_size} ids, more than the model's "
                                                    f"vocabulary of {mcfg.vocab_size}")

@@ -70,6 +70,9 @@ class ModelConfig:
   # Layers per iteration of the layer scan (1: a loop over layers, num_layers: fully unrolled;
   # unrolling small models lets XLA fuse across layers, which helps on CPU).
   scan_unroll: int = 1
+  # Query positions per attention block: a query block skips the key blocks wholly after it
+  # (exact under the causal mask); 0 runs one dense attention over the whole row.
+  attention_block: int = 128
 
   def __post_init__(self):
     if self.rope_scaling is not None:
@@ -136,6 +139,8 @@ class ModelConfig:
     _check_choice("remat", self.remat, REMAT_POLICIES)
     if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
       raise ValueError(f"scan_unroll must be an int >= 1, got {self.scan_unroll!r}")
+    if not isinstance(self.attention_block, int) or self.attention_block < 0:
+      raise ValueError(f"attention_block must be an int >= 0, got {self.attention_block!r}")
     validate_rope_scaling(self.rope_scaling)
 
   def replace(self, **kwargs: Any) -> ModelConfig:
