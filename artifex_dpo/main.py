@@ -111,4 +111,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  from artifex_dpo import hugepages
+
+  hugepages.reexec_if_wanted()  # before any large allocation; a no-op where it cannot help
   app.run(main, flags_parser=_parse_flags)

@@ -113,4 +113,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from artifex_dpo import hugepages
+
+  hugepages.reexec_if_wanted()  # as the service does (artifex_dpo/main.py)
   app.run(main)
