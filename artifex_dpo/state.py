@@ -165,9 +165,10 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
 
   ref = None if reference_table is None else _lookup(reference_table, np.asarray(local["pair_indices"]))
   if "tokens" in local:
+    optional = {k: arr(local[k]) for k in ("positions", "prefix_ids") if k in local}
     return PackedPreferenceBatch(sequences=arr(local["tokens"]), segment_ids=arr(local["segment_ids"]),
                                  response_mask=arr(local["response_mask"]), pair_mask=arr(local["pair_mask"]),
-                                 reference_sequence_log_probs=None if ref is None else arr(ref))
+                                 reference_sequence_log_probs=None if ref is None else arr(ref), **optional)
 
   def side(s, j):
     return GeneratedSequenceBatch(sequences=arr(local[f"{s}_tokens"]), response_mask=arr(local[f"{s}_response_mask"]),

@@ -37,7 +37,7 @@ from artifex_dpo.models.config import ModelConfig
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
 # Config keys whose change makes a checkpoint unusable (unless checkpoint.allow_change).
 _FROZEN_KEYS = ("model.preset", "model.hf_checkpoint", "model.param_dtype", "data.train_files", "data.packing",
-                "data.pack_length", "data.max_pairs_per_row",
+                "data.share_prompt", "data.pack_length", "data.max_pairs_per_row",
                 "data.tokenizer", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
                 "data.seed", "data.shuffle", "data.synthetic_pairs", "data.eval_split",
                 "train.global_batch_size")
@@ -183,17 +183,22 @@ class Setup:
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
         max_length=c.data.max_length, start_step=start_step, num_steps=num_steps, packing=c.data.packing,
         row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None,
-        pack_batches=c.data.pack_batches,
+        pack_batches=c.data.pack_batches, share_prompt=c.data.share_prompt,
         row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()))
 
   def step_flops(self, local: dict[str, Any], c) -> tuple[float, float, float]:
-    """``(tokens, pairs, model FLOPs)`` of a loaded batch (policy fwd+bwd, reference fwd if in memory)."""
+    """``(tokens, pairs, model FLOPs)`` of a loaded batch (policy fwd+bwd, reference fwd if in memory).
+
+    ``tokens`` counts both sequences of every pair in full (padding never); the FLOPs count the
+    tokens the model actually runs, which are fewer with ``data.share_prompt``.
+    """
     tokens = float(local["global_num_tokens"])
+    computed = float(local.get("global_computed_tokens", tokens))
     pairs = float(local.get("global_num_pairs", c.train.global_batch_size))
     # Attention FLOPs follow the real sequence lengths, not the padded or packed row length.
     mean_len = max(1, round(tokens / (2 * pairs)))
     ref_forward = 1.0 if self.ref_state is not None else 0.0
-    return tokens, pairs, tokens * forward_flops_per_token(self.model_config, mean_len) * (3.0 + ref_forward)
+    return tokens, pairs, computed * forward_flops_per_token(self.model_config, mean_len) * (3.0 + ref_forward)
 
 
 def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:

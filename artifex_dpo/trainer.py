@@ -45,24 +45,35 @@ def accepts_segment_ids(model: Any) -> bool:
   return "segment_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def accepts_prefix_ids(model: Any) -> bool:
+  """Whether the model's forward takes ``prefix_ids`` (needed by shared-prompt packed rows)."""
+  fn = model.hidden_states if supports_chunked_logits(model) else getattr(model, "__call__", None)
+  try:
+    return "prefix_ids" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
 def token_log_probs(
     model: Any,
     tokens: jax.Array,
     segment_ids: jax.Array,
     positions: jax.Array | None,
     chunk_size: int,
+    prefix_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-token float32 log-probs and mean logits ``[B, T]`` of ``tokens`` under ``model``.
 
   Models with ``hidden_states``/``unembedding`` never build ``[B, T, V]`` float32 logits; other
   models are called as ``model(tokens)`` (plus ``segment_ids``/``positions`` when they accept
-  them) and must return logits ``[B, T, V]``.
+  them, and ``prefix_ids`` for shared-prompt rows) and must return logits ``[B, T, V]``.
   """
+  extra = {} if prefix_ids is None else {"prefix_ids": prefix_ids}
   if supports_chunked_logits(model):
-    hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions)
+    hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions, **extra)
     return losses.chunked_token_log_probs(hidden, model.unembedding(), tokens, chunk_size=chunk_size)
   if accepts_segment_ids(model):
-    logits = model(tokens, segment_ids=segment_ids, positions=positions)
+    logits = model(tokens, segment_ids=segment_ids, positions=positions, **extra)
   else:
     logits = model(tokens)
   if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
@@ -157,9 +168,10 @@ def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tu
   """Per-slot (chosen, rejected) statistics of packed rows: segment sums over ``[R * K]`` slots."""
   rows, _ = batch.sequences.shape
   k = batch.pair_mask.shape[1]
-  seg = batch.segment_ids
-  slot = jnp.arange(rows)[:, None] * k + (seg - 1) // 2
-  ids = jnp.where(seg > 0, slot * 2 + (seg - 1) % 2, 2 * rows * k)  # padding -> one spare bucket
+  seg, per_pair = batch.segment_ids, batch.segments_per_pair
+  slot = jnp.arange(rows)[:, None] * k + (seg - 1) // per_pair
+  side = (seg - 1) % per_pair - (per_pair - 2)  # 0 chosen, 1 rejected (-1: a shared prompt)
+  ids = jnp.where((seg > 0) & (side >= 0), slot * 2 + side, 2 * rows * k)  # the rest -> one spare bucket
   mask = batch.response_mask.astype(jnp.float32)
 
   def per_sequence(x):
@@ -172,7 +184,9 @@ def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tu
 
 
 def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, settings, chunk_size):
-  logps, logit_means = token_log_probs(model, batch.sequences, batch.segment_ids, None, chunk_size)
+  forward = lambda m: token_log_probs(m, batch.sequences, batch.segment_ids, batch.positions, chunk_size,
+                                      batch.prefix_ids)
+  logps, logit_means = forward(model)
   chosen, rejected = _packed_stats(logps, logit_means, batch)
   if settings.reference_free or (batch.reference_sequence_log_probs is None and reference_model is None):
     ref_chosen = ref_rejected = losses.SequenceStats(jnp.zeros_like(chosen.logp_sum), chosen.num_tokens,
@@ -182,14 +196,17 @@ def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, setti
     ref_chosen = losses.SequenceStats(ref[:, 0], chosen.num_tokens, jnp.zeros_like(ref[:, 0]))
     ref_rejected = losses.SequenceStats(ref[:, 1], rejected.num_tokens, jnp.zeros_like(ref[:, 1]))
   else:
-    ref_logps, _ = token_log_probs(reference_model, batch.sequences, batch.segment_ids, None, chunk_size)
+    ref_logps, _ = forward(reference_model)
     ref_chosen, ref_rejected = _packed_stats(ref_logps, None, batch)
   ref_chosen, ref_rejected = jax.tree.map(jax.lax.stop_gradient, (ref_chosen, ref_rejected))  # never differentiated
-  seg = batch.segment_ids
-  chosen_mask = batch.response_mask * ((seg > 0) & ((seg - 1) % 2 == 0)).astype(batch.response_mask.dtype)
+  seg, per_pair = batch.segment_ids, batch.segments_per_pair
+  is_chosen = (seg > 0) & ((seg - 1) % per_pair == per_pair - 2)
+  chosen_mask = batch.response_mask * is_chosen.astype(batch.response_mask.dtype)
   loss, metrics = losses.preference_loss(settings, chosen, rejected, ref_chosen, ref_rejected, logps, chosen_mask,
                                          batch.pair_mask.reshape(-1))
-  metrics["tokens"] = jnp.sum(seg > 0).astype(jnp.float32)
+  # Tokens of both sequences of every pair, as the unpacked layout counts them (a shared prompt twice).
+  shared_prompt = (seg > 0) & ((seg - 1) % per_pair == 0) if batch.shares_prompt else jnp.zeros_like(seg, bool)
+  metrics["tokens"] = (jnp.sum(seg > 0) + jnp.sum(shared_prompt)).astype(jnp.float32)
   return loss, metrics
 
 
@@ -361,6 +378,8 @@ class DPOTrainer:
       raise ValueError(
           "batch has no reference_log_probs on both sides, and the trainer has no reference model "
           "(DPOConfig.precompute_ref_logps=True)")
+    if isinstance(batch, PackedPreferenceBatch) and batch.shares_prompt and not accepts_prefix_ids(self.model):
+      raise ValueError("shared-prompt rows need a model accepting prefix_ids (e.g. artifex_dpo.models.LlamaModel)")
     if self._plain_model:
       if isinstance(batch, PackedPreferenceBatch):
         raise ValueError("packed rows need a model accepting segment_ids (e.g. artifex_dpo.models.LlamaModel)")

@@ -188,6 +188,11 @@ class PackedPreferenceBatch:
     pair_mask: int32 ``[R, K]``; 1 where slot j of row r holds a pair (K = max pairs per row).
     reference_sequence_log_probs: float32 ``[R, K, 2]`` or None; precomputed reference
       log-probs summed over the response tokens of (chosen, rejected) of each slot.
+    positions: int32 ``[R, L]`` or None (default: index within each segment).
+    prefix_ids: int32 ``[R, L]`` or None. Given, the rows use the shared-prompt layout of
+      ``artifex_dpo.data.packing``: pair j's prompt has segment id ``3j + 1``, its chosen and
+      rejected branches ``3j + 2`` and ``3j + 3``, and a branch token may also attend to the
+      segment named by its ``prefix_ids`` entry (its prompt).
   """
 
   sequences: jax.Array
@@ -195,6 +200,16 @@ class PackedPreferenceBatch:
   response_mask: jax.Array
   pair_mask: jax.Array
   reference_sequence_log_probs: jax.Array | None = None
+  positions: jax.Array | None = None
+  prefix_ids: jax.Array | None = None
+
+  @property
+  def shares_prompt(self) -> bool:
+    return self.prefix_ids is not None
+
+  @property
+  def segments_per_pair(self) -> int:
+    return 3 if self.shares_prompt else 2
 
   @property
   def has_reference_log_probs(self) -> bool:

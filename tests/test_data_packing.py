@@ -152,6 +152,28 @@ def test_packed_batch_matches_unpacked_rows():
   assert b["num_tokens"] == 18 and b["num_pairs"] == 3
 
 
+def test_shared_prompt_layout_by_hand():
+  from artifex_dpo.data.packing import packed_lengths
+
+  pairs = [
+      TokenizedPair(np.array([11, 12], np.int32), np.array([13, 14, 15], np.int32), np.array([16], np.int32)),
+      TokenizedPair(np.array([], np.int32), np.array([21, 22], np.int32), np.array([23, 24, 25], np.int32)),
+  ]
+  ds = PreferenceDataset.from_pairs(pairs, pad_id=0)
+  lengths = packed_lengths(ds.offsets, True)
+  assert lengths.sum(axis=1).tolist() == [2 + 3 + 1 + 1, 0 + 2 + 3]  # P + C + R + 1; no prompt: C + R
+  plan = plan_packing(lengths, 16, 4)
+  b = make_packed_batch(ds, plan, [0], share_prompt=True)
+  # Pair 0: prompt head [11] (seg 1), chosen branch [12 | 13 14 15] (seg 2), rejected branch [12 | 16]
+  # (seg 3), both branches continuing the prompt's positions. Pair 1 (empty prompt): [21 22], [23 24 25].
+  assert b["tokens"].tolist() == [[11, 12, 13, 14, 15, 12, 16, 21, 22, 23, 24, 25] + [0] * 4]
+  assert b["segment_ids"].tolist() == [[1, 2, 2, 2, 2, 3, 3, 5, 5, 6, 6, 6] + [0] * 4]
+  assert b["prefix_ids"].tolist() == [[0, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4] + [0] * 4]
+  assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 1, 2, 0, 1, 0, 1, 2] + [0] * 4]
+  assert b["response_mask"].tolist() == [[0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1] + [0] * 4]
+  assert b["num_tokens"] == 12 and b["num_pairs"] == 2
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_packed_segments_equal_make_batch_rows(seed):
   ds = synthetic(120, seed=seed)

@@ -18,6 +18,18 @@ token before; the first token of every segment never is), ``pair_mask`` int32 [r
 for the slots holding a pair), ``pair_indices`` int64 [r, K] (the dataset index of each
 slot's pair, -1 for empty slots), and python ints ``num_tokens`` (non-padding tokens) and
 ``num_pairs``.
+
+Shared prompts (``share_prompt=True``): a pair's prompt is run once instead of twice. Its
+first ``P - 1`` prompt tokens get segment id ``3*j + 1``; the chosen branch (segment
+``3*j + 2``) is the last prompt token followed by the chosen response, the rejected branch
+(``3*j + 3``) the last prompt token again followed by the rejected response. Both branches
+attend to their own tokens and to the shared prompt (``prefix_ids`` holds ``3*j + 1`` on
+branch tokens), never to each other, and their ``positions`` continue the prompt's, so every
+response token sees exactly the context it has in its own sequence, and the repeated last prompt
+token predicts each response's first token as in the unshared layout. A pair costs
+``P + C + R + 1`` tokens instead of ``2P + C + R``. The batch then also holds ``positions``
+and ``prefix_ids`` int32 [r, L], and a token's slot is ``(seg - 1) // 3``, its side
+``(seg - 1) % 3 - 1`` (-1 prompt, 0 chosen, 1 rejected).
 """
 
 from __future__ import annotations
@@ -35,6 +47,23 @@ if TYPE_CHECKING:
 
 PACKED_BATCH_ARRAY_KEYS = ("tokens", "segment_ids", "response_mask", "pair_mask")
 TOKENS_PER_PAIR_SLOT = 32
+
+
+def packed_lengths(offsets: np.ndarray, share_prompt: bool) -> np.ndarray:
+  """int64 ``[N, 2]`` whose row sums are each pair's tokens in a packed row (what plans pack).
+
+  Unshared: the chosen and rejected sequence lengths. Shared: ``(P + C, R + 1)`` (the prompt
+  once, the last prompt token repeated; ``(C, R)`` for an empty prompt).
+
+  Args:
+    offsets: int ``[N, 4]`` per pair: starts of prompt, chosen, rejected, and the end.
+    share_prompt: the layout.
+  """
+  o = np.asarray(offsets, np.int64)
+  p, c, r = o[:, 1] - o[:, 0], o[:, 2] - o[:, 1], o[:, 3] - o[:, 2]
+  if share_prompt:
+    return np.stack([p + c, r + np.minimum(p, 1)], axis=1)
+  return np.stack([p + c, p + r], axis=1)
 
 
 def default_max_pairs_per_row(row_length: int) -> int:
@@ -204,6 +233,7 @@ def make_packed_batch(
     row_ids: Sequence[int] | np.ndarray,
     row_length: int | None = None,
     max_pairs_per_row: int | None = None,
+    share_prompt: bool = False,
 ) -> dict[str, Any]:
   """Builds the packed numpy batch of the given rows (layout: see the module docstring).
 
@@ -214,6 +244,8 @@ def make_packed_batch(
       padding), e.g. the filler rows of a last, partial eval batch.
     row_length: Row length L of the batch (default: the plan's); every row must fit.
     max_pairs_per_row: Slots K of ``pair_mask`` (default: the plan's); every row must fit.
+    share_prompt: the shared-prompt layout (the plan must be made from
+      ``packed_lengths(offsets, True)``).
 
   Returns:
     The batch dict.
@@ -239,26 +271,49 @@ def make_packed_batch(
   slot = np.arange(num_pairs, dtype=np.int64) - before[pair_row]
   pairs = plan.pair_indices[first[pair_row] + slot]
 
-  # Four pieces per pair: prompt, chosen response, prompt, rejected response.
   o = dataset.offsets[pairs]
-  src_start = np.stack([o[:, 0], o[:, 1], o[:, 0], o[:, 2]], axis=1).reshape(-1)
-  piece_len = np.stack([o[:, 1] - o[:, 0], o[:, 2] - o[:, 1], o[:, 1] - o[:, 0], o[:, 3] - o[:, 2]],
-                       axis=1).reshape(-1)
-  seg = (2 * slot[:, None] + np.array([1, 1, 2, 2], np.int64)).reshape(-1)
-  is_resp = np.tile(np.array([0, 1, 0, 1], np.int32), num_pairs)
-  piece_row = np.repeat(pair_row, 4)
+  p_len, c_len, r_len = o[:, 1] - o[:, 0], o[:, 2] - o[:, 1], o[:, 3] - o[:, 2]
+  zero = np.zeros_like(p_len)
+  if share_prompt:
+    # Five pieces: prompt head, last prompt token + chosen response, last prompt token + rejected.
+    dup = np.minimum(p_len, 1)
+    head = p_len - dup
+    src_start = np.stack([o[:, 0], o[:, 0] + head, o[:, 1], o[:, 0] + head, o[:, 2]], axis=1)
+    piece_len = np.stack([head, dup, c_len, dup, r_len], axis=1)
+    seg = 3 * slot[:, None] + np.array([1, 2, 2, 3, 3], np.int64)
+    prefix = np.where(np.array([0, 1, 1, 1, 1]) == 1, 3 * slot[:, None] + 1, 0)
+    is_resp = np.array([0, 0, 1, 0, 1], np.int32)
+    pos_start = np.stack([zero, head, p_len, head, p_len], axis=1)
+    seq_pieces = [[0], [1, 2], [3, 4]]  # pieces making up each segment
+  else:
+    # Four pieces: prompt, chosen response, prompt, rejected response.
+    src_start = np.stack([o[:, 0], o[:, 1], o[:, 0], o[:, 2]], axis=1)
+    piece_len = np.stack([p_len, c_len, p_len, r_len], axis=1)
+    seg = 2 * slot[:, None] + np.array([1, 1, 2, 2], np.int64)
+    prefix = np.zeros_like(seg)
+    is_resp = np.array([0, 1, 0, 1], np.int32)
+    pos_start = np.stack([zero, p_len, zero, p_len], axis=1)
+    seq_pieces = [[0, 1], [2, 3]]
+  pieces = piece_len.shape[1]
+  src_start, piece_len, seg, prefix, pos_start = (x.reshape(-1) for x in (src_start, piece_len, seg, prefix, pos_start))
+  is_resp = np.tile(is_resp, num_pairs)
+  piece_row = np.repeat(pair_row, pieces)
   row_total = np.bincount(piece_row, weights=piece_len, minlength=r).astype(np.int64)
   if r and row_total.max() > L:
     raise ValueError(f"a row holds {row_total.max()} tokens, more than the row length {L}")
   # Each row is a contiguous run of the flat stream of its pieces, from the row's start.
   excl = np.cumsum(piece_len) - piece_len  # Start of each piece in the stream.
   n_tok = int(piece_len.sum())
-  src = np.repeat(src_start - excl, piece_len) + np.arange(n_tok, dtype=np.int64)
+  within = np.arange(n_tok, dtype=np.int64) - np.repeat(excl, piece_len)
+  src = np.repeat(src_start, piece_len) + within
   stream_resp = np.repeat(is_resp, piece_len)
-  # The first token of each (non-empty) sequence has nothing before it to be predicted from.
-  seq_start = excl.reshape(-1, 2)[:, 0]  # Prompt pieces start the sequences.
-  seq_len = piece_len.reshape(-1, 2).sum(axis=1)
-  stream_resp[seq_start[seq_len > 0]] = 0
+  # The first token of each (non-empty) segment has nothing before it in the segment to be predicted
+  # from (only possible for a response when the prompt is empty).
+  by_pair = lambda x: x.reshape(num_pairs, pieces)
+  for group in seq_pieces:
+    seq_start = by_pair(excl)[:, group[0]]
+    seq_len = by_pair(piece_len)[:, group].sum(axis=1)
+    stream_resp[seq_start[seq_len > 0]] = 0
   real_tokens = np.arange(L, dtype=np.int64)[None, :] < row_total[:, None]  # Row-major = stream order.
   tokens = np.full((r, L), dataset.pad_id, np.int32)
   segment_ids = np.zeros((r, L), np.int32)
@@ -270,6 +325,13 @@ def make_packed_batch(
   pair_mask[pair_row, slot] = 1
   pair_indices = np.full((r, K), -1, np.int64)
   pair_indices[pair_row, slot] = pairs
+  extra = {}
+  if share_prompt:
+    positions = np.zeros((r, L), np.int32)
+    prefix_ids = np.zeros((r, L), np.int32)
+    positions[real_tokens] = np.repeat(pos_start, piece_len) + within
+    prefix_ids[real_tokens] = np.repeat(prefix.astype(np.int32), piece_len)
+    extra = {"positions": positions, "prefix_ids": prefix_ids}
   return {
       "pair_indices": pair_indices,
       "tokens": tokens,
@@ -278,4 +340,5 @@ def make_packed_batch(
       "pair_mask": pair_mask,
       "num_tokens": n_tok,
       "num_pairs": num_pairs,
+      **extra,
   }

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from artifex_dpo.data.errors import DataError
-from artifex_dpo.data.packing import PackingPlan, default_max_pairs_per_row, make_packed_batch, plan_packing
+from artifex_dpo.data.packing import (PackingPlan, default_max_pairs_per_row, make_packed_batch, packed_lengths,
+                                     plan_packing)
 from artifex_dpo.data.formats import (
     PairTexts,
     TokenizedPair,
@@ -487,6 +488,12 @@ class PreferenceLoader:
     row_length: Tokens per packed row; None: ``2 * max_length``.
     max_pairs_per_row: Cap on pairs per packed row; None: ``row_length // 32`` (at least 1).
     plan: A ready packing plan of ``dataset`` (None: made here from the lengths).
+    pack_batches: Lay each global batch's pairs out padding-free (the same pairs per step as
+      without it).
+    row_multiple: Packed rows per step are a multiple of this times the process count.
+    share_prompt: Packed rows run each pair's prompt once (see `artifex_dpo.data.packing`).
+      ``global_num_tokens`` still counts both sequences of every pair in full (what a trainer
+      without prompt sharing processes); ``global_computed_tokens`` counts what the model runs.
   """
 
   def __init__(
@@ -509,6 +516,7 @@ class PreferenceLoader:
       plan: PackingPlan | None = None,
       pack_batches: bool = False,
       row_multiple: int = 1,
+      share_prompt: bool = False,
   ):
     if len(dataset) == 0:
       raise DataError(None, None, "empty dataset")
@@ -527,9 +535,10 @@ class PreferenceLoader:
           "data.max_length", None, f"{self.max_length} is shorter than the dataset's longest pair ({longest})"
       )
     self.packing = bool(packing)
+    self.share_prompt = bool(share_prompt)
     self.plan = None
     if self.packing:
-      self.plan = _packing_plan(dataset, self.max_length, row_length, max_pairs_per_row, plan)
+      self.plan = _packing_plan(dataset, self.max_length, row_length, max_pairs_per_row, plan, self.share_prompt)
     # Per-batch packing: the same pairs per step as padded batches, laid out padding-free.
     self.pack_batches = bool(pack_batches) and not self.packing
     self._row_length = int(row_length) if row_length else 2 * self.max_length
@@ -568,9 +577,11 @@ class PreferenceLoader:
     """Builds this process's batch of ``step`` (what the iterator yields, without prefetch)."""
     g = self.global_indices(step)
     if self.plan is not None:
-      batch = make_packed_batch(self.dataset, self.plan, g[self._slice])
-      batch["global_num_tokens"] = int(self.plan.row_tokens[g].sum())
-      batch["global_num_pairs"] = int(self.plan.row_sizes[g].sum())
+      batch = make_packed_batch(self.dataset, self.plan, g[self._slice], share_prompt=self.share_prompt)
+      pairs = np.concatenate([self.plan.row(i) for i in g])
+      batch["global_num_tokens"] = int(self.dataset.lengths[pairs].sum())
+      batch["global_computed_tokens"] = int(self.plan.row_tokens[g].sum())
+      batch["global_num_pairs"] = len(pairs)
       return batch
     lengths = self.dataset.lengths[g]
     if self.pack_batches:
@@ -586,14 +597,17 @@ class PreferenceLoader:
     The row count is rounded up to a multiple of ``row_multiple`` x processes (so rows divide
     over devices and processes); every process computes the same plan from the global batch.
     """
-    local_plan = plan_packing(self.dataset.lengths[g], self._row_length, self._max_pairs_per_row)
+    local_plan = plan_packing(packed_lengths(self.dataset.offsets[g], self.share_prompt), self._row_length,
+                              self._max_pairs_per_row)
     plan = dataclasses.replace(local_plan, pair_indices=g[local_plan.pair_indices])
     rows = -(-plan.num_rows // self._row_multiple) * self._row_multiple
     row_ids = np.where(np.arange(rows) < plan.num_rows, np.arange(rows), -1)
     per_process = rows // self.process_count
     mine = row_ids[self.process_index * per_process:(self.process_index + 1) * per_process]
-    batch = make_packed_batch(self.dataset, plan, mine, self._row_length, self._max_pairs_per_row)
+    batch = make_packed_batch(self.dataset, plan, mine, self._row_length, self._max_pairs_per_row,
+                              share_prompt=self.share_prompt)
     batch["global_num_tokens"] = int(self.dataset.lengths[g].sum())
+    batch["global_computed_tokens"] = int(plan.row_tokens.sum())
     batch["global_num_pairs"] = len(g)
     return batch
 
@@ -630,6 +644,7 @@ def _packing_plan(
     row_length: int | None,
     max_pairs_per_row: int | None,
     plan: PackingPlan | None,
+    share_prompt: bool = False,
 ) -> PackingPlan:
   """The given plan (checked against the settings) or a new one from the dataset's lengths."""
   if plan is not None:
@@ -642,7 +657,7 @@ def _packing_plan(
     return plan
   length = int(row_length) if row_length is not None else 2 * int(max_length)
   pairs = int(max_pairs_per_row) if max_pairs_per_row is not None else default_max_pairs_per_row(length)
-  return plan_packing(dataset.lengths, length, pairs)
+  return plan_packing(packed_lengths(dataset.offsets, share_prompt), length, pairs)
 
 
 def eval_batches(
@@ -656,6 +671,7 @@ def eval_batches(
     row_length: int | None = None,
     max_pairs_per_row: int | None = None,
     plan: PackingPlan | None = None,
+    share_prompt: bool = False,
 ) -> Iterator[dict[str, Any]]:
   """Every pair once, in order, in global batches; this process's slice of each.
 
@@ -669,12 +685,12 @@ def eval_batches(
   sl = process_slice(global_batch_size, process_index, process_count)
   cap = max_length if max_length is not None else dataset.max_sequence_length
   if packing:
-    plan = _packing_plan(dataset, cap, row_length, max_pairs_per_row, plan)
+    plan = _packing_plan(dataset, cap, row_length, max_pairs_per_row, plan, share_prompt)
     for start in range(0, plan.num_rows, global_batch_size):
       g = np.arange(start, start + global_batch_size, dtype=np.int64)
       g = np.where(g < plan.num_rows, g, -1)
       real = g[g >= 0]
-      batch = make_packed_batch(dataset, plan, g[sl])
+      batch = make_packed_batch(dataset, plan, g[sl], share_prompt=share_prompt)
       batch["global_num_tokens"] = int(plan.row_tokens[real].sum())
       batch["global_num_pairs"] = int(plan.row_sizes[real].sum())
       yield batch

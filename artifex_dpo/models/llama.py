@@ -117,16 +117,27 @@ def default_positions(segment_ids: jax.Array) -> jax.Array:
   return idx - start
 
 
-def make_attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
+def make_attention_mask(
+    segment_ids: jax.Array,
+    sliding_window: int | None = None,
+    *,
+    prefix_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> jax.Array:
   """Boolean attention mask from segment ids.
 
-  Query i may attend to key j iff ``j <= i``, both are in the same nonzero segment,
-  and (when ``sliding_window`` is set) ``i - j < sliding_window`` (HF's Mistral rule).
-  Every query also attends to itself, so fully-padded queries stay finite.
+  Query i may attend to key j iff ``j <= i``, key j is in query i's nonzero segment (or, with
+  ``prefix_ids``, in the segment ``prefix_ids[i]`` names: a shared prompt), and (when
+  ``sliding_window`` is set) the two are less than the window apart (HF's Mistral rule), counted
+  in ``positions`` when given, else in row indices. Every query also attends to itself, so
+  fully-padded queries stay finite.
 
   Args:
     segment_ids: int ``[B, T]``; 0 = padding, k > 0 = k-th packed sequence.
     sliding_window: window length or None.
+    prefix_ids: int ``[B, T]`` or None; per token, a segment it may attend to besides its own
+      (0: none). The prefix segment must lie before the token in the row.
+    positions: int ``[B, T]`` or None; token positions, for the sliding window.
 
   Returns:
     bool ``[B, 1, T, T]`` (True = attend), broadcastable over heads.
@@ -135,11 +146,18 @@ def make_attention_mask(segment_ids: jax.Array, sliding_window: int | None = Non
   t = seg.shape[-1]
   q_idx = jnp.arange(t)[:, None]
   k_idx = jnp.arange(t)[None, :]
-  allowed = k_idx <= q_idx
+  allowed = (k_idx <= q_idx)[None]
   if sliding_window is not None:
-    allowed = allowed & (q_idx - k_idx < sliding_window)
-  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
-  mask = (same & allowed[None]) | (q_idx == k_idx)[None]
+    if positions is None:
+      allowed = allowed & (q_idx - k_idx < sliding_window)[None]
+    else:
+      pos = jnp.asarray(positions)
+      allowed = allowed & (pos[:, :, None] - pos[:, None, :] < sliding_window)
+  same = seg[:, :, None] == seg[:, None, :]
+  if prefix_ids is not None:
+    same = same | (jnp.asarray(prefix_ids)[:, :, None] == seg[:, None, :])
+  same = same & (seg[:, None, :] != 0)
+  mask = (same & allowed) | (q_idx == k_idx)[None]
   return mask[:, None, :, :]
 
 
@@ -375,6 +393,7 @@ class LlamaModel(nnx.Module):
       *,
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
+      prefix_ids: jax.Array | None = None,
   ) -> jax.Array:
     """Final-norm hidden states.
 
@@ -383,6 +402,8 @@ class LlamaModel(nnx.Module):
       segment_ids: int32 ``[B, T]``; 0 = padding, k > 0 = k-th packed sequence.
         Default: all ones (one sequence per row).
       positions: int32 ``[B, T]``; default :func:`default_positions` of segment_ids.
+      prefix_ids: int32 ``[B, T]`` or None; per token, an earlier segment it also attends to
+        (a shared prompt; see :func:`make_attention_mask`). Needs explicit ``positions``.
 
     Returns:
       ``[B, T, D]`` in the compute dtype.
@@ -396,7 +417,11 @@ class LlamaModel(nnx.Module):
     if positions is None:
       positions = default_positions(segment_ids)
     # Built once and shared by every layer: the mask as an additive bias, RoPE's cos/sin tables.
-    bias = attention_bias(make_attention_mask(segment_ids, config.sliding_window))
+    if prefix_ids is not None and positions is None:
+      raise ValueError("prefix_ids (shared prompts) need explicit positions")
+    mask = make_attention_mask(segment_ids, config.sliding_window, prefix_ids=prefix_ids,
+                               positions=None if prefix_ids is None else positions)
+    bias = attention_bias(mask)
     rope = rope_tables(positions, rope_frequencies(config), dt)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     x = self.layers(x, bias=bias, rope=rope)
@@ -408,8 +433,9 @@ class LlamaModel(nnx.Module):
       *,
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
+      prefix_ids: jax.Array | None = None,
   ) -> jax.Array:
     """Logits ``[B, T, V]`` in float32 (``hidden_states @ unembedding``)."""
-    h = self.hidden_states(tokens, segment_ids=segment_ids, positions=positions)
+    h = self.hidden_states(tokens, segment_ids=segment_ids, positions=positions, prefix_ids=prefix_ids)
     w = self.unembedding().astype(h.dtype)
     return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
