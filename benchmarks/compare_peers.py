@@ -4,9 +4,11 @@
 
 Writes the workload with ``../shared/bench/make_workload.py`` if absent, then runs, one after the
 other on this machine: ours without packing (reference model in memory; padded batches, and the same
-batches laid out padding-free with ``data.pack_batches``), ours with packing and
-precomputed reference log-probs, TRL's DPOTrainer (``peer_trl.py``) with its reference model and
-with ``PRECOMPUTE=1``, and Tunix (``peer_tunix.py``) when a Python with google-tunix is given.
+batches laid out padding-free with ``data.pack_batches``, with and without ``data.share_prompt``),
+ours with packing and precomputed reference log-probs (with and without ``data.share_prompt``), TRL's
+DPOTrainer (``peer_trl.py``) with its reference model and with ``PRECOMPUTE=1`` (each with and without
+glibc malloc's huge-page mode, the faster counting), and Tunix (``peer_tunix.py``) when a Python
+with google-tunix is given.
 Prints each result as a JSON line, then a table with the ratios to the faster peer.
 """
 
@@ -19,6 +21,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from artifex_dpo import hugepages  # noqa: E402
 BENCH = os.path.join(os.path.dirname(ROOT), "shared", "bench")
 
 
@@ -50,15 +54,26 @@ def main():
   ours = [py, "benchmarks/step_throughput.py", f"--workload={a.workload}", f"--steps={a.steps}",
           f"--config.data.pad_multiple={a.pad_multiple}", "--config.model.scan_unroll=4"]
   cpu = {"JAX_PLATFORMS": "cpu"}
+  packed = ["--workdir=/tmp/artifex-bench-packed", "--config.data.packing=True", "--config.dpo.precompute_ref_logps=True"]
   results = {
       "ours": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours"], cpu),
       "ours_pack_batches": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours_pack_batches",
                                        "--config.data.pack_batches=True"], cpu),
-      "ours_packed_precomputed": run(ours + ["--workdir=/tmp/artifex-bench-packed", "--label=ours_packed_precomputed",
-                                             "--config.data.packing=True", "--config.dpo.precompute_ref_logps=True"], cpu),
-      "trl": run([py, os.path.join(a.bench, "peer_trl.py"), a.workload, str(a.steps)]),
-      "trl_precompute": run([py, os.path.join(a.bench, "peer_trl.py"), a.workload, str(a.steps)], {"PRECOMPUTE": "1"}),
+      "ours_pack_batches_shared": run(ours + ["--workdir=/tmp/artifex-bench-default", "--config.data.pack_batches=True",
+                                              "--config.data.share_prompt=True", "--label=ours_pack_batches_shared"], cpu),
+      "ours_packed_precomputed": run(ours + packed + ["--label=ours_packed_precomputed"], cpu),
+      "ours_packed_precomputed_shared": run(ours + packed + ["--config.data.share_prompt=True",
+                                                             "--label=ours_packed_precomputed_shared"], cpu),
   }
+  # Ours runs with glibc malloc's huge-page mode (artifex_dpo/hugepages.py); the peers run both with and
+  # without it, and the faster of the two counts.
+  trl = [py, os.path.join(a.bench, "peer_trl.py"), a.workload, str(a.steps)]
+  huge = {"GLIBC_TUNABLES": hugepages.TUNABLE}
+  for name, env in (("trl", {}), ("trl_precompute", {"PRECOMPUTE": "1"})):
+    plain, with_huge = run(trl, env), run(trl, dict(env, **huge))
+    results[name] = dict(max(plain, with_huge, key=lambda r: r["tokens_per_s"]),
+                         tokens_per_s_plain_malloc=plain["tokens_per_s"],
+                         tokens_per_s_hugepages=with_huge["tokens_per_s"])
   if a.tunix_python:
     results["tunix"] = run([a.tunix_python, os.path.join(a.bench, "peer_tunix.py"), a.workload, str(a.steps)], cpu)
   for name, r in results.items():
