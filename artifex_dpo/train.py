@@ -420,7 +420,11 @@ def _check_config_change(saved: dict, current: dict, c, path: str) -> None:
   if c.checkpoint.allow_change:
     return
   for key in _FROZEN_KEYS:
+    if key == "data.share_prompt" and not c.data.packing:
+      continue  # without a data-set packing plan it changes the layout of a step, not its pairs
     old, new = _lookup(saved.get("config", {}), key), _lookup(current["config"], key)
+    if old is _MISSING:
+      continue  # a key newer than the checkpoint
     if old != new:
       raise config_lib.ConfigError(key, f"is {new!r} but the checkpoint {path} was written with {old!r} (set "
                                         "checkpoint.allow_change=True to resume anyway)")
@@ -429,9 +433,12 @@ def _check_config_change(saved: dict, current: dict, c, path: str) -> None:
                                                      "(set checkpoint.allow_change=True to resume anyway)")
 
 
+_MISSING = object()
+
+
 def _lookup(d: dict, key: str):
   for part in key.split("."):
     if not isinstance(d, dict) or part not in d:
-      return None
+      return _MISSING
     d = d[part]
   return d

@@ -43,6 +43,9 @@ def _cfg(**overrides):
     (dict(dpo__loss_type="ipo,sigmoid", dpo__loss_weights="1"), "dpo.loss_weights"),
     (dict(data__tokenizer="/nonexistent/tok.json"), "data.tokenizer"),
     (dict(model__hf_checkpoint="/nonexistent"), "model.hf_checkpoint"),
+    (dict(data__share_prompt=True), "data.share_prompt"),
+    (dict(model__attention_block=-1), "model.attention_block"),
+    (dict(model__scan_unroll=0), "model.scan_unroll"),
 ])
 def test_validation_names_the_key(overrides, key):
   with pytest.raises(config_lib.ConfigError, match=f"config key {key}:"):
@@ -75,3 +78,26 @@ def test_weight_decay_skips_norms_and_biases():
   moved = {"/".join(map(str, p)) for p, v in nnx.to_flat_state(updates) if bool(jnp.any(v.get_value() != 0))}
   assert moved == {"embed", "lm_head", "layers/q_proj", "layers/k_proj", "layers/v_proj", "layers/o_proj",
                    "layers/gate_proj", "layers/up_proj", "layers/down_proj"}
+
+
+def test_resume_refuses_only_changes_that_change_the_data():
+  from artifex_dpo.train import _check_config_change
+
+  def saved(**data):
+    c = config_lib.default_config()
+    c.data.update(data)
+    return {"config": c.to_dict(), "train_fingerprint": "same"}
+
+  def check(old, **data):
+    c = config_lib.default_config()
+    c.data.update(data)
+    _check_config_change(old, {"config": c.to_dict(), "train_fingerprint": "same"}, c, "/ckpt/5")
+
+  check(saved(share_prompt=True))  # no data-set packing plan: only the layout of a step changes
+  with pytest.raises(config_lib.ConfigError, match="config key data.share_prompt:.*/ckpt/5"):
+    check(saved(packing=True, share_prompt=True), packing=True)
+  older = saved(packing=True)
+  del older["config"]["data"]["share_prompt"]  # written before the key existed
+  check(older, packing=True)
+  with pytest.raises(config_lib.ConfigError, match="config key data.max_length"):
+    check(saved(max_length=128))

@@ -14,9 +14,9 @@ def _losses(workdir):
   return train, evals[-1]
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_precomputed_reference_gives_the_same_losses(tmp_path, packing):
-  extra = [f"--config.data.packing={packing}"]
+@pytest.mark.parametrize("packing,share", [(False, False), (True, False), (True, True)])
+def test_precomputed_reference_gives_the_same_losses(tmp_path, packing, share):
+  extra = [f"--config.data.packing={packing}", f"--config.data.share_prompt={share}"]
   live = run_main(tmp_path / "live", *ARGS, *extra)
   assert live.returncode == 0, live.stderr[-3000:]
   cached = run_main(tmp_path / "pre", *ARGS, *extra, "--config.dpo.precompute_ref_logps=True")
@@ -53,11 +53,13 @@ def test_cache_key_depends_on_data_and_weights():
   assert len(keys) == 4
 
 
-def test_pack_batches_gives_the_padded_losses(tmp_path):
-  """Same pairs per step, laid out padding-free: the same losses as padded batches."""
+@pytest.mark.parametrize("share", [False, True])
+def test_pack_batches_gives_the_padded_losses(tmp_path, share):
+  """Same pairs per step, laid out padding-free (the prompt once with share): the padded batches' losses."""
   padded = run_main(tmp_path / "padded", *ARGS)
   assert padded.returncode == 0, padded.stderr[-3000:]
-  packed = run_main(tmp_path / "packed", *ARGS, "--config.data.pack_batches=True")
+  packed = run_main(tmp_path / "packed", *ARGS, "--config.data.pack_batches=True",
+                    f"--config.data.share_prompt={share}")
   assert packed.returncode == 0, packed.stderr[-3000:]
   (a, a_eval), (b, b_eval) = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
   for s in a:
