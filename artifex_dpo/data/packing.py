@@ -281,7 +281,7 @@ def make_packed_batch(
     src_start = np.stack([o[:, 0], o[:, 0] + head, o[:, 1], o[:, 0] + head, o[:, 2]], axis=1)
     piece_len = np.stack([head, dup, c_len, dup, r_len], axis=1)
     seg = 3 * slot[:, None] + np.array([1, 2, 2, 3, 3], np.int64)
-    prefix = np.where(np.array([0, 1, 1, 1, 1]) == 1, 3 * slot[:, None] + 1, 0)
+    prefix = (3 * slot[:, None] + 1) * np.array([0, 1, 1, 1, 1], np.int64)  # branches see the prompt
     is_resp = np.array([0, 0, 1, 0, 1], np.int32)
     pos_start = np.stack([zero, head, p_len, head, p_len], axis=1)
     seq_pieces = [[0], [1, 2], [3, 4]]  # pieces making up each segment
