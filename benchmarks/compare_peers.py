@@ -6,9 +6,9 @@ Writes the workload with ``../shared/bench/make_workload.py`` if absent, then ru
 other on this machine: ours without packing (reference model in memory; padded batches, and the same
 batches laid out padding-free with ``data.pack_batches``, with and without ``data.share_prompt``),
 ours with packing and precomputed reference log-probs (with and without ``data.share_prompt``), TRL's
-DPOTrainer (``peer_trl.py``) with its reference model and with ``PRECOMPUTE=1`` (each with and without
-glibc malloc's huge-page mode, the faster counting), and Tunix (``peer_tunix.py``) when a Python
-with google-tunix is given.
+DPOTrainer (``peer_trl.py``) with its reference model and with ``PRECOMPUTE=1``, and Tunix
+(``peer_tunix.py``) when a Python with google-tunix is given; each peer with and without glibc malloc's
+huge-page mode, the faster counting.
 Prints each result as a JSON line, then a table with the ratios to the faster peer.
 """
 
@@ -68,14 +68,15 @@ def main():
   # Ours runs with glibc malloc's huge-page mode (artifex_dpo/hugepages.py); the peers run both with and
   # without it, and the faster of the two counts.
   trl = [py, os.path.join(a.bench, "peer_trl.py"), a.workload, str(a.steps)]
+  peers = [("trl", trl, {}), ("trl_precompute", trl, {"PRECOMPUTE": "1"})]
+  if a.tunix_python:
+    peers.append(("tunix", [a.tunix_python, os.path.join(a.bench, "peer_tunix.py"), a.workload, str(a.steps)], cpu))
   huge = {"GLIBC_TUNABLES": hugepages.TUNABLE}
-  for name, env in (("trl", {}), ("trl_precompute", {"PRECOMPUTE": "1"})):
-    plain, with_huge = run(trl, env), run(trl, dict(env, **huge))
+  for name, cmd, env in peers:
+    plain, with_huge = run(cmd, env), run(cmd, dict(env, **huge))
     results[name] = dict(max(plain, with_huge, key=lambda r: r["tokens_per_s"]),
                          tokens_per_s_plain_malloc=plain["tokens_per_s"],
                          tokens_per_s_hugepages=with_huge["tokens_per_s"])
-  if a.tunix_python:
-    results["tunix"] = run([a.tunix_python, os.path.join(a.bench, "peer_tunix.py"), a.workload, str(a.steps)], cpu)
   for name, r in results.items():
     print(json.dumps({"name": name, **r}))
   peers = [results[k]["tokens_per_s"] for k in ("trl", "tunix") if k in results]
