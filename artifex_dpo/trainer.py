@@ -168,10 +168,9 @@ def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tu
   """Per-slot (chosen, rejected) statistics of packed rows: segment sums over ``[R * K]`` slots."""
   rows, _ = batch.sequences.shape
   k = batch.pair_mask.shape[1]
-  seg, per_pair = batch.segment_ids, batch.segments_per_pair
-  slot = jnp.arange(rows)[:, None] * k + (seg - 1) // per_pair
-  side = (seg - 1) % per_pair - (per_pair - 2)  # 0 chosen, 1 rejected (-1: a shared prompt)
-  ids = jnp.where((seg > 0) & (side >= 0), slot * 2 + side, 2 * rows * k)  # the rest -> one spare bucket
+  slot_in_row, side = batch.slots_and_sides()
+  slot = jnp.arange(rows)[:, None] * k + slot_in_row
+  ids = jnp.where(side >= 0, slot * 2 + side, 2 * rows * k)  # prompts and padding -> one spare bucket
   mask = batch.response_mask.astype(jnp.float32)
 
   def per_sequence(x):
@@ -199,14 +198,12 @@ def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, setti
     ref_logps, _ = forward(reference_model)
     ref_chosen, ref_rejected = _packed_stats(ref_logps, None, batch)
   ref_chosen, ref_rejected = jax.tree.map(jax.lax.stop_gradient, (ref_chosen, ref_rejected))  # never differentiated
-  seg, per_pair = batch.segment_ids, batch.segments_per_pair
-  is_chosen = (seg > 0) & ((seg - 1) % per_pair == per_pair - 2)
-  chosen_mask = batch.response_mask * is_chosen.astype(batch.response_mask.dtype)
+  _, side = batch.slots_and_sides()
+  chosen_mask = batch.response_mask * (side == 0).astype(batch.response_mask.dtype)
   loss, metrics = losses.preference_loss(settings, chosen, rejected, ref_chosen, ref_rejected, logps, chosen_mask,
                                          batch.pair_mask.reshape(-1))
   # Tokens of both sequences of every pair, as the unpacked layout counts them (a shared prompt twice).
-  shared_prompt = (seg > 0) & ((seg - 1) % per_pair == 0) if batch.shares_prompt else jnp.zeros_like(seg, bool)
-  metrics["tokens"] = (jnp.sum(seg > 0) + jnp.sum(shared_prompt)).astype(jnp.float32)
+  metrics["tokens"] = (jnp.sum(side > -2) + jnp.sum(side == -1)).astype(jnp.float32)
   return loss, metrics
 
 

@@ -207,9 +207,13 @@ class PackedPreferenceBatch:
   def shares_prompt(self) -> bool:
     return self.prefix_ids is not None
 
-  @property
-  def segments_per_pair(self) -> int:
-    return 3 if self.shares_prompt else 2
+  def slots_and_sides(self) -> tuple[jax.Array, jax.Array]:
+    """Per token ``[R, L]``: its pair's slot in the row, and its side: 0 chosen, 1 rejected,
+    -1 a shared prompt, -2 padding (the segment-id layouts of ``artifex_dpo.data.packing``)."""
+    seg = self.segment_ids
+    per_pair = 3 if self.shares_prompt else 2
+    side = jnp.where(seg > 0, (seg - 1) % per_pair - (per_pair - 2), -2)
+    return (seg - 1) // per_pair, side
 
   @property
   def has_reference_log_probs(self) -> bool:

@@ -21,7 +21,6 @@ from artifex_dpo.data.formats import (
     truncate_pair,
 )
 from artifex_dpo.data.packing import (
-    PACKED_BATCH_ARRAY_KEYS,
     PackingPlan,
     default_max_pairs_per_row,
     make_packed_batch,
@@ -46,7 +45,6 @@ from artifex_dpo.data.tokenizer import Tokenizer, load_tokenizer
 __all__ = [
     "BATCH_ARRAY_KEYS",
     "DataError",
-    "PACKED_BATCH_ARRAY_KEYS",
     "PackingPlan",
     "PreferenceDataset",
     "PreferenceLoader",

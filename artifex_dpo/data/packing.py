@@ -45,7 +45,6 @@ from artifex_dpo.data.errors import DataError
 if TYPE_CHECKING:
   from artifex_dpo.data.pipeline import PreferenceDataset
 
-PACKED_BATCH_ARRAY_KEYS = ("tokens", "segment_ids", "response_mask", "pair_mask")
 TOKENS_PER_PAIR_SLOT = 32
 
 
