@@ -12,12 +12,13 @@ step and on values that every process agrees on) because saving is a collective.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from artifex_dpo import storage
 
 
 class CheckpointError(ValueError):
@@ -28,7 +29,7 @@ class Checkpointer:
   """A thin layer over ``ocp.CheckpointManager`` for the trainer's NNX state."""
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool):
-    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self.directory = storage.local_or_uri(directory)  # Orbax takes gs:// itself (tensorstore)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

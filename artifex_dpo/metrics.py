@@ -2,14 +2,17 @@
 
 Only process 0 writes (every process computes the same global metrics). ``metrics.jsonl`` is
 appended to, so a resumed run continues the file; for a step that appears twice the later row
-counts. On object stores, which cannot append, the file is rewritten whole.
+counts. Everything goes through :mod:`artifex_dpo.storage`: on a ``gs://`` workdir, which cannot
+append, each row is uploaded as a small part object and composed onto ``metrics.jsonl``
+server-side at once (nothing is rewritten, nothing logged is lost to a preemption). TensorBoard
+event files on a bucket are written the same way (a writer factory registered with
+tensorboardX for ``gs://``): each flush composes the new records onto the event file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -17,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from artifex_dpo import storage
 
 GIB = 1024**3
 # Per TPU chip (Google Cloud TPU docs): HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s.
@@ -77,28 +82,20 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool):
     self.enabled = enabled
-    self._path = os.path.join(workdir, "metrics.jsonl")
-    self._remote = "://" in workdir
+    self._path = storage.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      _register_tensorboard_storage()
+      self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:
       return
     row = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v) for k, v in row.items()}
     line = json.dumps(row, sort_keys=True) + "\n"
-    if self._remote:
-      from etils import epath
-
-      p = epath.Path(self._path)
-      old = p.read_text() if p.exists() else ""
-      p.write_text(old + line)
-    else:
-      with open(self._path, "a") as f:
-        f.write(line)
+    storage.append(self._path, line.encode("utf-8"))
     step = int(row["step"])
     for k, v in row.items():
       if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
@@ -116,3 +113,39 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _AppendingEventFile:
+  """A tensorboardX record sink on a bucket: buffered records, composed onto the object at flush."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._buffer = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._buffer += data
+
+  def flush(self) -> None:
+    if self._buffer:
+      storage.append(self.path, bytes(self._buffer))
+      self._buffer.clear()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _StorageWriterFactory:
+  def open(self, path: str) -> _AppendingEventFile:
+    return _AppendingEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # objects need no folders
+
+
+def _register_tensorboard_storage() -> None:
+  """tensorboardX's own gs:// writer re-uploads the whole event file at each flush through
+  google-cloud-storage's client; ours appends through the storage layer."""
+  from tensorboardX import record_writer
+
+  for scheme in ("gs", "gcs"):
+    record_writer.register_writer_factory(scheme, _StorageWriterFactory())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ from flax import nnx
 
 from artifex_dpo import losses
 from artifex_dpo import state as state_lib
+from artifex_dpo import storage
 from artifex_dpo.data import PreferenceDataset, eval_batches
 from artifex_dpo.trainer import concat_sides, token_log_probs
 
@@ -83,20 +83,16 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
 def load_or_compute(workdir: str, name: str, spec, ref_state, dataset: PreferenceDataset, **kwargs) -> np.ndarray:
   """The cached table for this data and these reference weights, computed (and saved) if absent."""
   key = cache_key(dataset, weights_fingerprint(ref_state), kwargs["chunk_size"])
-  path = os.path.join(workdir, "ref_logps", f"{name}-{key}.npz")
-  if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as z:
+  path = storage.join(workdir, "ref_logps", f"{name}-{key}.npz")
+  if storage.isfile(path):
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
       if z["table"].shape == (len(dataset), 2):
         logging.info("reference log-probs: using the cache %s", path)
         return z["table"]
   table = compute_reference_table(spec, ref_state, dataset, **kwargs)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, table=table)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(buf.getvalue())
-    os.replace(tmp, path)  # complete or invisible
+    storage.write_bytes(path, buf.getvalue())  # complete or invisible (local or gs://)
   logging.info("reference log-probs: computed for %d pairs (%s)", len(dataset), path)
   return table

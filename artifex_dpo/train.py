@@ -29,6 +29,7 @@ from artifex_dpo import metrics as metrics_lib
 from artifex_dpo import reference
 from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
+from artifex_dpo import storage
 from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
 from artifex_dpo.data.synthetic import write_synthetic
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
@@ -62,7 +63,7 @@ def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, Prefe
   """The training and eval sets (first pass over the data; every process reads the same)."""
   files = c.data.train_files
   if not files:
-    files = write_synthetic(os.path.join(workdir, "synthetic", "train.jsonl"), c.data.synthetic_pairs, c.data.seed)
+    files = write_synthetic(storage.join(workdir, "synthetic", "train.jsonl"), c.data.synthetic_pairs, c.data.seed)
   kwargs = dict(format=None if c.data.format == "auto" else c.data.format, max_length=c.data.max_length,
                 max_prompt_length=c.data.max_prompt_length, truncation_mode=c.data.truncation_mode,
                 skip_invalid=c.data.skip_invalid)
@@ -203,8 +204,9 @@ class Setup:
 
 def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Data, mesh, sharded policy/optimizer/reference (and the reference pass when precomputing)."""
-  os.makedirs(workdir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  storage.makedirs(workdir)
+  # JAX's persistent cache reads and writes gs:// itself (through etils.epath).
+  jax.config.update("jax_compilation_cache_dir", storage.join(workdir, "jax_cache"))
 
   # --- Data ---------------------------------------------------------------------------------
   tokenizer = build_tokenizer(c)
@@ -256,7 +258,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   train_ref, eval_ref, counters = setup.train_ref, setup.eval_ref, setup.counters
 
   # --- Resume ---------------------------------------------------------------------------------
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
+  checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
                                        async_save=c.checkpoint.async_save)
   resolved = json.loads(c.to_json())
   meta = {"config": resolved, "train_fingerprint": train_ds.fingerprint()}
@@ -358,7 +360,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
       for step_index, local in loader:
         step = step_index + 1  # steps count optimizer updates from 1
         if profile and step == profile[0]:
-          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          profile_dir = _profile_dir(workdir)
+          jax.profiler.start_trace(profile_dir)
         batch = state_lib.global_batch(local, mesh, with_pair_mask=False, reference_table=train_ref)
         pairs_read += int(np.sum(local["pair_indices"] >= 0))
         state, m = compiled("train", batch)(state, ref_state, batch)
@@ -371,6 +374,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         pending = (step, m, tokens, flops, pairs)
         if profile and step == profile[1]:
           jax.profiler.stop_trace()
+          _upload_profile(profile_dir, workdir)
         preempted = preemption.reached(step)  # every process gets the same answer at the same step
         do_eval = bool(c.train.eval_every) and step % c.train.eval_every == 0 and step < c.train.steps
         do_save = preempted or (bool(c.checkpoint.save_every) and step % c.checkpoint.save_every == 0
@@ -399,8 +403,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
       if exit_code == EXIT_OK and c.export.hf:
         model = nnx.merge(spec.graphdef, state)[0]
         tok_dir = _tokenizer_dir(c)
-        export_hf(model, os.path.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir)
-        logging.info("exported the policy to %s", os.path.join(workdir, "export"))
+        export_hf(model, storage.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir, step=step)
+        logging.info("exported the policy to %s", storage.join(workdir, "export"))
       logging.info("process %d of %d read %d training pairs", jax.process_index(), jax.process_count(), pairs_read)
   finally:
     preemption.restore()
@@ -413,7 +417,26 @@ def _tokenizer_dir(c) -> str | None:
   spec = c.data.tokenizer or c.model.hf_checkpoint
   if not spec or spec == "byte":
     return None
-  return spec if os.path.isdir(spec) else os.path.dirname(spec)
+  return spec if storage.isdir(spec) else storage.dirname(spec)
+
+
+def _profile_dir(workdir: str) -> str:
+  """Where the profiler writes: the workdir's ``profile/``, or a local folder uploaded after."""
+  if not storage.is_remote(workdir):
+    return os.path.join(workdir, "profile")
+  import tempfile
+
+  return tempfile.mkdtemp(prefix="artifex-profile-")
+
+
+def _upload_profile(local: str, workdir: str) -> None:
+  """Copies a trace written locally (for a gs:// workdir) to ``profile/`` in the workdir."""
+  if not storage.is_remote(workdir):
+    return
+  for root, _, names in os.walk(local):
+    for name in names:
+      src = os.path.join(root, name)
+      storage.copy(src, storage.join(workdir, "profile", *os.path.relpath(src, local).split(os.sep)))
 
 
 def _check_config_change(saved: dict, current: dict, c, path: str) -> None:

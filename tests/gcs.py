@@ -8,7 +8,8 @@ Reusable by any test module::
     bucket = gcs_emulator.bucket          # "gs://testbucket"
     env = gcs_emulator.env                # for subprocesses: dict(os.environ, **env)
 
-The fixture starts the emulator (in memory) as a subprocess, points gcsfs (``STORAGE_EMULATOR_HOST``)
+The fixture starts the emulator (in memory; with object generations and preconditions added, see
+gcs_emulator_main.py) as a subprocess, points gcsfs (``STORAGE_EMULATOR_HOST``)
 and tensorstore (``TENSORSTORE_GCS_HTTP_URL``) of this process and of the subprocesses it
 starts at it, and stops it at the end. Credentials are anonymous; the Google metadata server
 (which google-auth and tensorstore would otherwise probe for credentials) is pointed at a closed
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -65,8 +67,8 @@ class Emulator:
 def start_emulator() -> tuple[subprocess.Popen, Emulator]:
   port = free_port()
   proc = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
-       f"--default-bucket={BUCKET}"],
+      [sys.executable, str(Path(__file__).with_name("gcs_emulator_main.py")), "start", "--host=127.0.0.1",
+       f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 60
   while True:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from artifex_dpo import storage
 from artifex_dpo.data.errors import DataError
 
 FORMATS = ("jsonl", "json", "parquet", "array_record")
@@ -69,16 +70,9 @@ def expand_files(globs: str | Sequence[str]) -> list[str]:
 
 
 def _glob_uri(pattern: str) -> list[str]:
-  from etils import epath
-
-  head, _, tail = pattern.partition("://")
-  parts = tail.split("/")
-  first_glob = next((i for i, p in enumerate(parts) if _GLOB_CHARS & set(p)), None)
-  if first_glob is None:
-    path = epath.Path(pattern)
-    return [pattern] if path.is_file() else []
-  base = epath.Path(head + "://" + "/".join(parts[:first_glob]))
-  return sorted(str(p) for p in base.glob("/".join(parts[first_glob:])) if p.is_file())
+  if not _GLOB_CHARS & set(pattern):
+    return [pattern] if storage.isfile(pattern) else []
+  return storage.glob(pattern)
 
 
 def detect_format(path: str, format: str | None = None) -> str:
@@ -146,11 +140,7 @@ def read_records_lenient(
 
 def _open_binary(path: str):
   try:
-    if _is_uri(path):
-      from etils import epath
-
-      return epath.Path(path).open("rb")
-    return open(path, "rb")
+    return storage.open(path, "rb")
   except OSError as e:
     raise DataError(path, None, f"cannot open: {e.strerror or e}") from None
 

@@ -8,9 +8,10 @@ so held-out reward accuracy measures real learning.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+
+from artifex_dpo import storage
 
 _CHOSEN = "abcdefghijklm"
 _REJECTED = "nopqrstuvwxyz"
@@ -36,11 +37,11 @@ def synthetic_records(num_pairs: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def write_synthetic(path: str, num_pairs: int, seed: int = 0) -> str:
-  """Writes the records as JSON Lines, atomically (every process may call it; same bytes)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    for r in synthetic_records(num_pairs, seed):
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
+  """Writes the records as JSON Lines, atomically (local path or gs://; every process may call
+  it: same bytes). An existing file with those bytes is left alone (keeps its identity, so a
+  tokenized cache keyed by it stays valid)."""
+  data = "".join(json.dumps(r) + "\n" for r in synthetic_records(num_pairs, seed)).encode("utf-8")
+  if storage.isfile(path) and storage.size(path) == len(data) and storage.read_bytes(path) == data:
+    return path
+  storage.write_bytes(path, data)
   return path

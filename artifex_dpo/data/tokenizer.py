@@ -25,11 +25,11 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from artifex_dpo import storage
 from artifex_dpo.data.errors import DataError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -161,11 +161,10 @@ def _compile_template(source: str):
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
+    value = json.loads(storage.read_text(path))
   except (OSError, ValueError) as e:
     raise DataError(path, None, f"cannot read JSON: {e}") from None
   if not isinstance(value, dict):
@@ -198,8 +197,8 @@ def _folder_settings(folder: str) -> tuple[dict[str, Any], dict[str, str], dict[
   Returns:
     (tokenizer_config, special token texts by key, special token ids from config.json).
   """
-  config = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
-  special_map = _read_json(os.path.join(folder, "special_tokens_map.json")) or {}
+  config = _read_json(storage.join(folder, "tokenizer_config.json")) or {}
+  special_map = _read_json(storage.join(folder, "special_tokens_map.json")) or {}
   texts: dict[str, str] = {}
   for key in _SPECIAL_KEYS:
     for source in (special_map, config):  # special_tokens_map.json wins, as in transformers.
@@ -208,7 +207,7 @@ def _folder_settings(folder: str) -> tuple[dict[str, Any], dict[str, str], dict[
         texts[key] = text
         break
   ids: dict[str, int] = {}
-  model_config = _read_json(os.path.join(folder, "config.json")) or {}
+  model_config = _read_json(storage.join(folder, "config.json")) or {}
   for key in _SPECIAL_KEYS:
     value = _first_int(model_config.get(key + "_id"))
     if value is not None and value >= 0:
@@ -217,16 +216,15 @@ def _folder_settings(folder: str) -> tuple[dict[str, Any], dict[str, str], dict[
 
 
 def _chat_template(folder: str, config: Mapping[str, Any]) -> str | None:
-  path = os.path.join(folder, "chat_template.jinja")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      return f.read()
+  path = storage.join(folder, "chat_template.jinja")
+  if storage.isfile(path):
+    return storage.read_text(path)
   template = config.get("chat_template")
   if isinstance(template, list):  # Named templates: [{"name": ..., "template": ...}].
     named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
     template = named.get("default") or next(iter(named.values()), None)
   if not isinstance(template, str):
-    path = os.path.join(folder, "chat_template.json")  # Processor-style file.
+    path = storage.join(folder, "chat_template.json")  # Processor-style file.
     template = (_read_json(path) or {}).get("chat_template")
   return template if isinstance(template, str) and template else None
 
@@ -281,9 +279,9 @@ class HFTokenizer(Tokenizer):
     import tokenizers
 
     self.name = path
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = storage.dirname(storage.local_or_uri(path))
     try:
-      self._tok = tokenizers.Tokenizer.from_file(path)
+      self._tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
     except Exception as e:  # The library raises plain Exception subclasses.
       raise DataError(path, None, f"cannot load tokenizer: {e}") from None
     self._tok.no_padding()
@@ -350,9 +348,9 @@ class SentencePieceTokenizer(_SpecialSplitMixin, Tokenizer):
     import sentencepiece as spm
 
     self.name = path
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = storage.dirname(storage.local_or_uri(path))
     try:
-      self._sp = spm.SentencePieceProcessor(model_file=path)
+      self._sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(path))
     except Exception as e:  # sentencepiece raises OSError / RuntimeError.
       raise DataError(path, None, f"cannot load sentencepiece model: {e}") from None
     self.vocab_size = self._sp.get_piece_size()
@@ -442,13 +440,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
   spec = str(spec)
   if spec == "byte":
     return ByteTokenizer()
-  if os.path.isdir(spec):
+  if storage.isdir(spec):
     for name, cls in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):
-      path = os.path.join(spec, name)
-      if os.path.isfile(path):
+      path = storage.join(spec, name)
+      if storage.isfile(path):
         return cls(path)
     raise DataError(spec, None, "folder holds neither tokenizer.json nor tokenizer.model")
-  if not os.path.isfile(spec):
+  if not storage.isfile(spec):
     raise DataError(spec, None, "no such tokenizer file or folder (or use 'byte')")
   if spec.endswith(".model"):
     return SentencePieceTokenizer(spec)

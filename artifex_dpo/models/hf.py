@@ -14,8 +14,8 @@ import dataclasses
 import json
 import os
 import shutil
+import struct
 import uuid
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -26,6 +26,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from artifex_dpo import storage
 from artifex_dpo.models.config import ModelConfig
 from artifex_dpo.models.llama import LlamaModel, layer_param_shapes
 
@@ -54,13 +55,12 @@ _HF_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "flo
 def _read_config_json(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[dict, str]:
   if isinstance(path_or_dict, dict):
     return dict(path_or_dict), "<config dict>"
-  path = Path(path_or_dict)
-  if path.is_dir():
-    path = path / "config.json"
-  if not path.is_file():
+  path = str(path_or_dict)
+  if storage.isdir(path):
+    path = storage.join(path, "config.json")
+  if not storage.isfile(path):
     raise ValueError(f"no config.json found at {path}")
-  with open(path) as f:
-    return json.load(f), str(path)
+  return json.loads(storage.read_text(path)), path
 
 
 def _architecture(hf: dict[str, Any], source: str) -> str:
@@ -383,41 +383,94 @@ def read_block(
 # ----------------------------------------------------------------------------- reading
 
 
+class _RangedSafetensors:
+  """A safetensors file on a bucket, read by byte range: the header once, then for each slice
+  only the bytes of the rows (first axis) it covers. Same ``keys`` / ``get_slice`` surface as
+  ``safetensors.safe_open`` (which needs a local, memory-mappable file)."""
+
+  _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+  def __init__(self, path: str):
+    self.path = path
+    (n,) = struct.unpack("<Q", storage.read_range(path, 0, 8))
+    header = json.loads(storage.read_range(path, 8, 8 + n))
+    header.pop("__metadata__", None)
+    self._header = header
+    self._base = 8 + n
+
+  def keys(self) -> list[str]:
+    return list(self._header)
+
+  def get_slice(self, name: str) -> "_RangedSafetensors._Slice":
+    return self._Slice(self, name)
+
+  class _Slice:
+    def __init__(self, f: "_RangedSafetensors", name: str):
+      self._f, meta = f, f._header[name]  # pylint: disable=protected-access
+      self._dtype = np.dtype(f._DTYPES[meta["dtype"]])  # pylint: disable=protected-access
+      self._shape = tuple(int(d) for d in meta["shape"])
+      self._start = f._base + int(meta["data_offsets"][0])  # pylint: disable=protected-access
+
+    def get_shape(self) -> list[int]:
+      return list(self._shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+      index = index if isinstance(index, tuple) else (index,)
+      shape = self._shape
+      if not shape:
+        raw = storage.read_range(self._f.path, self._start, self._start + self._dtype.itemsize)
+        return np.frombuffer(raw, self._dtype).reshape(())
+      index = _norm_index(index, shape)
+      rows = index[0]
+      row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self._dtype.itemsize
+      raw = storage.read_range(self._f.path, self._start + rows.start * row_bytes, self._start + rows.stop * row_bytes)
+      block = np.frombuffer(raw, self._dtype).reshape((rows.stop - rows.start, *shape[1:]))
+      return np.array(block[(slice(None), *index[1:])])
+
+
 class CheckpointReader:
-  """Memory-mapped, slice-wise access to the tensors of an HF safetensors checkpoint.
+  """Slice-wise access to the tensors of an HF safetensors checkpoint (local or ``gs://``).
+
+  Local files are memory mapped; files on a bucket are read by byte range (a slice reads only
+  the rows of the tensor it covers), so a host never downloads tensors it does not hold.
 
   Args:
     path: folder holding ``model.safetensors`` or ``model.safetensors.index.json``.
   """
 
   def __init__(self, path: str | os.PathLike):
-    self.path = Path(path)
-    index = self.path / INDEX_FILE
-    single = self.path / SINGLE_FILE
-    if index.is_file():
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      self.source = str(index)
-    elif single.is_file():
-      with safe_open(str(single), framework="numpy") as f:
-        weight_map = {k: SINGLE_FILE for k in f.keys()}
-      self.source = str(single)
+    self.path = storage.local_or_uri(path)
+    index = storage.join(self.path, INDEX_FILE)
+    single = storage.join(self.path, SINGLE_FILE)
+    if storage.isfile(index):
+      weight_map = json.loads(storage.read_text(index))["weight_map"]
+      self.source = index
+    elif storage.isfile(single):
+      weight_map = {k: SINGLE_FILE for k in self._open(single).keys()}
+      self.source = single
     else:
       raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.path}")
     self.weight_map: dict[str, str] = dict(weight_map)
     self._handles: dict[str, Any] = {}
 
+  @staticmethod
+  def _open(path: str):
+    if storage.is_remote(path):
+      return _RangedSafetensors(path)
+    return safe_open(path, framework="numpy")
+
   def file_of(self, name: str) -> str:
     """The file holding tensor ``name`` (for messages)."""
-    return str(self.path / self.weight_map[name])
+    return storage.join(self.path, self.weight_map[name])
 
   def _handle(self, name: str):
     fname = self.weight_map[name]
     if fname not in self._handles:
-      fpath = self.path / fname
-      if not fpath.is_file():
+      fpath = storage.join(self.path, fname)
+      if not storage.isfile(fpath):
         raise ValueError(f"tensor {name!r}: file {fpath} listed in {self.source} is missing")
-      self._handles[fname] = safe_open(str(fpath), framework="numpy")
+      self._handles[fname] = self._open(fpath)
     return self._handles[fname]
 
   def shape(self, name: str) -> tuple[int, ...]:
@@ -654,11 +707,28 @@ def _generation_config(config: ModelConfig) -> dict[str, Any]:
   return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-  """Moves ``tmp`` to ``out``, replacing (and on failure restoring) an existing ``out``."""
+EXPORT_MARKER = "artifex_export.json"
+
+
+def _replace_dir(tmp: str, out: str) -> None:
+  """Moves ``tmp`` to ``out``, replacing (and on failure restoring) an existing ``out``.
+
+  Locally one rename of the folder (atomic). On a bucket, where there are no folders to rename,
+  the old export's marker goes first, then its objects are replaced, and ``tmp``'s marker is
+  moved last: a reader that sees the marker sees a complete export.
+  """
+  if storage.is_remote(out):
+    storage.remove(storage.join(out, EXPORT_MARKER))
+    storage.remove(out, recursive=True)
+    names = [n for n in storage.listdir(tmp) if n != EXPORT_MARKER]
+    for name in names:
+      storage.rename(storage.join(tmp, name), storage.join(out, name))
+    storage.rename(storage.join(tmp, EXPORT_MARKER), storage.join(out, EXPORT_MARKER))
+    storage.remove(tmp, recursive=True)
+    return
   old = None
-  if out.exists():
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+  if os.path.exists(out):
+    old = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}")
     os.replace(out, old)
   try:
     os.replace(tmp, out)
@@ -670,6 +740,22 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_shard(data: dict[str, np.ndarray], path: str) -> None:
+  if storage.is_remote(path):
+    from safetensors.numpy import save
+
+    storage.write_bytes(path, save(data, metadata={"format": "pt"}))
+  else:
+    save_file(data, path, metadata={"format": "pt"})
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def export_hf(
     model: LlamaModel,
     out_dir: str | os.PathLike,
@@ -677,18 +763,22 @@ def export_hf(
     dtype: str = "float32",
     max_shard_bytes: int = 2 * 1024**3,
     tokenizer_dir: str | os.PathLike | None = None,
-) -> Path:
+    step: int | None = None,
+) -> str:
   """Writes ``model`` as an HF folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
   Writes config.json, generation_config.json (copied from ``tokenizer_dir`` when
   it has one, else built from the token ids), safetensors weights (one
   ``model.safetensors`` if it fits in ``max_shard_bytes``, else numbered shards
-  plus ``model.safetensors.index.json``) and the tokenizer files found in
-  ``tokenizer_dir``. Everything goes to a temporary sibling folder that is renamed
-  to ``out_dir`` at the end, so a crash leaves no half-written export. Tensors
-  are fetched to the host one at a time, shard by shard. With several processes
-  every process must call this (arrays are gathered collectively) and process 0
-  writes.
+  plus ``model.safetensors.index.json``), the tokenizer files found in
+  ``tokenizer_dir`` and ``artifex_export.json`` (``{"step": ...}``: the training step the weights
+  are from; written last, it marks a complete export). Everything goes to a temporary sibling
+  folder that replaces ``out_dir`` at the end (see `_replace_dir`), so a crash leaves no
+  half-written export. ``out_dir`` may be local or ``gs://``.
+
+  Multi-host: every process must call this. Shard k is written by process k mod P (tensors are
+  assembled one at a time, only for the shard being written, so no host ever holds the whole
+  model); process 0 then writes the index, the configs and the marker and moves the folder.
 
   Args:
     model: the model to export.
@@ -696,26 +786,30 @@ def export_hf(
     dtype: "float32" or "bfloat16" for the stored weights.
     max_shard_bytes: largest shard size.
     tokenizer_dir: folder to copy tokenizer files from, or None.
+    step: the training step recorded in the marker (None: not recorded).
 
   Returns:
-    ``out_dir`` as a Path.
+    ``out_dir`` (a local path or URI).
   """
   if dtype not in _NP_DTYPES:
     raise ValueError(f"dtype must be one of {tuple(_NP_DTYPES)}, got {dtype!r}")
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
   np_dtype = np.dtype(_NP_DTYPES[dtype])
-  out = Path(out_dir)
+  out = storage.local_or_uri(out_dir).rstrip("/")
   hf_config = config_to_hf(model.config, torch_dtype=dtype)
   tensors = _export_tensors(model)
   sizes = [int(np.prod(shape)) * np_dtype.itemsize for _, shape, _ in tensors]
   shards = plan_shards(sizes, max_shard_bytes)
-  writer = jax.process_index() == 0
-  tmp = None
-  if writer:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the export
+  me, procs = jax.process_index(), jax.process_count()
+  # The same temporary name on every process (they write into one folder); a leftover of a
+  # crashed export of the same step is cleared first.
+  tag = f"step{step}" if step is not None else "nostep"
+  tmp = storage.join(storage.dirname(out), f".{storage.basename(out)}.tmp-{tag}")
+  if me == 0:
+    storage.remove(tmp, recursive=True)
+    storage.makedirs(tmp)  # not tempfile.mkdtemp: its 0700 mode would stick to the export
+  _sync("artifex_export_start")
   try:
     names = (
         [SINGLE_FILE]
@@ -723,41 +817,49 @@ def export_hf(
         else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     )
     weight_map = {}
-    for fname, shard in zip(names, shards):
-      data = {tensors[i][0]: tensors[i][2]().astype(np_dtype) for i in shard}
-      if writer:
-        save_file(data, str(tmp / fname), metadata={"format": "pt"})
+    for k, (fname, shard) in enumerate(zip(names, shards)):
+      owner = k % procs
+      # Assembling a tensor spread over hosts is a collective: every process takes part, and
+      # only the shard's owner keeps the result.
+      data = {}
+      for i in shard:
+        x = tensors[i][2]()
+        if me == owner:
+          data[tensors[i][0]] = x.astype(np_dtype)
+        del x
+      if me == owner:
+        _save_shard(data, storage.join(tmp, fname))
       weight_map.update({tensors[i][0]: fname for i in shard})
       del data
-    if writer:
+    _sync("artifex_export_shards")
+    if me == 0:
       if len(shards) > 1:
         index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}
-        _write_json(tmp / INDEX_FILE, index)
-      _write_json(tmp / "config.json", hf_config)
+        _write_json(storage.join(tmp, INDEX_FILE), index)
+      _write_json(storage.join(tmp, "config.json"), hf_config)
       _write_aux_files(tmp, model.config, tokenizer_dir)
+      _write_json(storage.join(tmp, EXPORT_MARKER), {"step": step, "files": sorted(names)})
       _replace_dir(tmp, out)
   except BaseException:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
+    if me == 0:
+      storage.remove(tmp, recursive=True)
     raise
+  _sync("artifex_export_done")
   return out
 
 
-def _write_json(path: Path, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+def _write_json(path: str, obj: Any) -> None:
+  storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _write_aux_files(tmp: Path, config: ModelConfig, tokenizer_dir) -> None:
-  src = Path(tokenizer_dir) if tokenizer_dir is not None else None
-  if src is not None and not src.is_dir():
+def _write_aux_files(tmp: str, config: ModelConfig, tokenizer_dir) -> None:
+  src = storage.local_or_uri(tokenizer_dir) if tokenizer_dir is not None else None
+  if src is not None and not storage.isdir(src):
     raise ValueError(f"tokenizer_dir {src} is not a folder")
-  if src is not None and (src / "generation_config.json").is_file():
-    shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
+  if src is not None and storage.isfile(storage.join(src, "generation_config.json")):
+    storage.copy(storage.join(src, "generation_config.json"), storage.join(tmp, "generation_config.json"))
   else:
-    _write_json(tmp / "generation_config.json", _generation_config(config))
+    _write_json(storage.join(tmp, "generation_config.json"), _generation_config(config))
   for name in TOKENIZER_FILES if src is not None else ():
-    if (src / name).is_file():
-      shutil.copy2(src / name, tmp / name)
-
+    if storage.isfile(storage.join(src, name)):
+      storage.copy(storage.join(src, name), storage.join(tmp, name))
