@@ -39,3 +39,49 @@ def test_files_round_trip(root):
   storage.remove(storage.join(root, "z"), recursive=True)
   assert not storage.exists(storage.join(root, "z", "b.txt"))
   assert not os.path.exists("gs:")
+
+
+_KILLED_DURING_SAVE = """
+import os, signal, sys
+import jax
+from flax import nnx
+from artifex_dpo.checkpoint import Checkpointer
+state = nnx.state(nnx.Linear(1024, 1024, rngs=nnx.Rngs(0)))
+c = Checkpointer(sys.argv[1], max_to_keep=5, async_save=True)
+c.save(1, state, {"step": 1})
+c.wait()
+c.save(2, jax.tree.map(lambda x: x + 1, state), {"step": 2})  # in the background
+# Kill as soon as step 2 has objects in the bucket, saying whether Orbax had committed it by then.
+from artifex_dpo import storage
+while not any(n.startswith("2") for n in storage.listdir(sys.argv[1])):
+  pass
+print("committed" if storage.exists(storage.join(sys.argv[1], "2", "commit_success.txt")) else "partial", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_during_async_save_to_bucket_resumes_from_last_complete(gcs_emulator):
+  import subprocess
+  import sys
+
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from artifex_dpo.checkpoint import Checkpointer
+
+  directory = storage.join(gcs_emulator.fresh("ckpt"), "checkpoints")
+  proc = subprocess.run([sys.executable, "-c", _KILLED_DURING_SAVE, directory], capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert proc.stdout.strip() == "partial", proc.stdout  # killed mid-save, not after it
+  assert "2" in storage.listdir(directory)  # its debris is in the bucket
+  state = nnx.state(nnx.Linear(1024, 1024, rngs=nnx.Rngs(0)))
+  c = Checkpointer(directory, max_to_keep=5, async_save=True)
+  assert c.latest_step() == 1
+  restored = c.restore(1, state, jax.tree.map(lambda x: x.sharding, state))
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c.save(2, state, {"step": 2})  # and the run goes on saving over the debris
+  c.close()
+  assert Checkpointer(directory, max_to_keep=5, async_save=True).latest_step() == 2
