@@ -31,6 +31,7 @@ from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
 from artifex_dpo import storage
 from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
+from artifex_dpo.data import cache as data_cache
 from artifex_dpo.data.synthetic import write_synthetic
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
 from artifex_dpo.models.config import ModelConfig
@@ -63,13 +64,19 @@ def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, Prefe
   """The training and eval sets (first pass over the data; every process reads the same)."""
   files = c.data.train_files
   if not files:
-    files = write_synthetic(storage.join(workdir, "synthetic", "train.jsonl"), c.data.synthetic_pairs, c.data.seed)
+    files = storage.join(workdir, "synthetic", "train.jsonl")
+    if jax.process_index() == 0:  # one writer, then everyone reads (and keys the data cache by) it
+      write_synthetic(files, c.data.synthetic_pairs, c.data.seed)
+    data_cache.barrier("artifex_synthetic", jax.process_count())
+  # Tokenized once into <workdir>/data_cache (split over the processes), then read on demand.
   kwargs = dict(format=None if c.data.format == "auto" else c.data.format, max_length=c.data.max_length,
                 max_prompt_length=c.data.max_prompt_length, truncation_mode=c.data.truncation_mode,
-                skip_invalid=c.data.skip_invalid)
-  train = PreferenceDataset.from_files(files, tokenizer, **kwargs)
+                skip_invalid=c.data.skip_invalid, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  cache_dir = storage.join(workdir, "data_cache")
+  train = data_cache.load_or_tokenize(files, tokenizer, cache_dir, **kwargs)
   if c.data.eval_files:
-    return train, PreferenceDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
+    return train, data_cache.load_or_tokenize(c.data.eval_files, tokenizer, cache_dir, **kwargs)
   skipped, dropped = train.num_skipped_invalid, train.num_dropped_truncated
   train, held_out = eval_split(train, c.data.eval_split, c.data.seed)
   train.num_skipped_invalid, train.num_dropped_truncated = skipped, dropped

@@ -93,7 +93,8 @@ class PreferenceDataset:
       num_dropped_truncated: int = 0,
       skipped_messages: Sequence[str] = (),
   ):
-    self.tokens = np.asarray(tokens, dtype=np.int32)
+    # A flat array, or a TokenStore (data/cache.py) that reads token ranges on demand.
+    self.tokens = tokens if hasattr(tokens, "fingerprint") else np.asarray(tokens, dtype=np.int32)
     self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 4)
     self.pad_id = int(pad_id)
     self.num_skipped_invalid = num_skipped_invalid
@@ -224,6 +225,10 @@ class PreferenceDataset:
   def subset(self, indices: Sequence[int] | np.ndarray) -> PreferenceDataset:
     """A new dataset holding the given pairs, in the given order (counters not copied)."""
     indices = np.asarray(indices, dtype=np.int64)
+    if not isinstance(self.tokens, np.ndarray):  # on-demand tokens: share them, select the table rows
+      sub = PreferenceDataset(self.tokens, self.offsets[indices], self.pad_id)
+      sub._fingerprint = _digest(self.fingerprint(), indices)
+      return sub
     o = self.offsets[indices]
     sizes = o[:, 3] - o[:, 0]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -233,6 +238,10 @@ class PreferenceDataset:
 
   def fingerprint(self) -> str:
     """A hash of the tokens and their layout (to check that a resumed run sees the same data)."""
+    if getattr(self, "_fingerprint", None):
+      return self._fingerprint
+    if not isinstance(self.tokens, np.ndarray):  # the cache key names the tokens; never read them all
+      return _digest(self.tokens.fingerprint, self.offsets)
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(self.offsets).tobytes())
     h.update(np.ascontiguousarray(self.tokens).tobytes())
@@ -254,6 +263,12 @@ class PreferenceDataset:
     with np.load(path, allow_pickle=False) as z:
       pad_id, skipped, dropped = (int(x) for x in z["meta"])
       return cls(z["tokens"], z["offsets"], pad_id, skipped, dropped)
+
+
+def _digest(base: str, array: np.ndarray) -> str:
+  h = hashlib.sha256(base.encode())
+  h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()[:16]
 
 
 def eval_split(

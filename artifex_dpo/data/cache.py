@@ -1,0 +1,296 @@
+"""Tokenize once: a tokenized cache of the data in the workdir, split over processes, read on demand.
+
+``load_or_tokenize`` returns the same pairs as ``PreferenceDataset.from_files`` (same order, same
+counters, same ``file:line`` errors), but:
+
+* the first pass writes ``<workdir>/data_cache/<key>/``; a restart, a resume or another job on the
+  same workdir finds it and tokenizes nothing. The key covers the data files' identity (path,
+  size, modification time or object generation), the tokenizer (its files' identity and special
+  ids), the truncation settings, the format and ``skip_invalid``: a changed file changes the key;
+* with P processes, records are dealt out in chunks of ``CHUNK`` (chunk c to process c mod P):
+  each process parses and tokenizes only its chunks and writes its part
+  (``part-<p>.tokens`` int32, ``part-<p>.offsets.npy``, then ``part-<p>.json`` last);
+* every process then keeps only the per-pair table (offsets, lengths: 40 bytes a pair) in memory;
+  token ranges are read on demand from the parts (`TokenStore`: memory-mapped locally, by byte
+  range with a small block cache from a bucket).
+
+Multi-host hazard: a bad record is found by one process only. It does not raise at once (the
+others would wait for it forever at the barrier); it records the error in its part, every process
+passes the barrier, and then all raise the earliest error in file order.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from artifex_dpo import storage
+from artifex_dpo.data.errors import DataError
+from artifex_dpo.data.formats import PairTexts, TruncationSettings, parse_record, tokenize_pairs, truncate_pair
+from artifex_dpo.data.sources import expand_files, read_records_lenient
+
+CHUNK = 1024  # records per unit of work
+_MAX_REPORTED = 10
+_BLOCK = 1 << 18  # tokens per block read from a bucket (1 MiB)
+_CACHED_BLOCKS = 64
+
+log = logging.getLogger(__name__)
+
+
+class TokenStore:
+  """A read-only int32 token buffer made of part files, read on demand.
+
+  Supports ``len``, ``store[a:b]`` and ``store[int_array]`` (what the batch builders use).
+  """
+
+  def __init__(self, paths: Sequence[str], sizes: Sequence[int], fingerprint: str):
+    self.paths = list(paths)
+    self.sizes = np.asarray(sizes, np.int64)
+    self.bases = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+    self.fingerprint = fingerprint
+    self._maps: dict[int, np.ndarray] = {}
+    self._blocks: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
+    self.dtype = np.dtype(np.int32)
+
+  def __len__(self) -> int:
+    return int(self.bases[-1])
+
+  @property
+  def nbytes(self) -> int:
+    return 4 * len(self)
+
+  def _local(self, part: int) -> np.ndarray:
+    if part not in self._maps:
+      if self.sizes[part] == 0:
+        self._maps[part] = np.zeros((0,), np.int32)
+      else:
+        self._maps[part] = np.memmap(self.paths[part], np.int32, mode="r", shape=(int(self.sizes[part]),))
+    return self._maps[part]
+
+  def _block(self, part: int, block: int) -> np.ndarray:
+    key = (part, block)
+    if key in self._blocks:
+      self._blocks.move_to_end(key)
+      return self._blocks[key]
+    start = block * _BLOCK
+    stop = min(int(self.sizes[part]), start + _BLOCK)
+    data = np.frombuffer(storage.read_range(self.paths[part], 4 * start, 4 * stop), np.int32)
+    self._blocks[key] = data
+    if len(self._blocks) > _CACHED_BLOCKS:
+      self._blocks.popitem(last=False)
+    return data
+
+  def _gather(self, part: int, local: np.ndarray) -> np.ndarray:
+    if not storage.is_remote(self.paths[part]):
+      return np.asarray(self._local(part)[local])
+    out = np.empty(local.shape, np.int32)
+    blocks = local // _BLOCK
+    for b in np.unique(blocks):
+      sel = blocks == b
+      out[sel] = self._block(part, int(b))[local[sel] - b * _BLOCK]
+    return out
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, slice):
+      start, stop, step = key.indices(len(self))
+      if step != 1:
+        raise ValueError("strided token reads are not supported")
+      key = np.arange(start, stop, dtype=np.int64)
+    index = np.asarray(key, np.int64)
+    flat = index.reshape(-1)
+    out = np.empty(flat.shape, np.int32)
+    parts = np.searchsorted(self.bases, flat, side="right") - 1
+    for part in np.unique(parts):
+      sel = parts == part
+      out[sel] = self._gather(int(part), flat[sel] - self.bases[part])
+    return out.reshape(index.shape)
+
+
+def _tokenizer_identity(tokenizer) -> list[Any]:
+  name = str(getattr(tokenizer, "name", type(tokenizer).__name__))
+  ident: list[Any] = [type(tokenizer).__name__, name, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id,
+                      tokenizer.pad_id]
+  if name != "byte" and storage.isfile(name):
+    ident.append(list(storage.identity(name)))
+  return ident
+
+
+def cache_key(paths: Sequence[str], tokenizer, settings: TruncationSettings, format: str | None,
+              skip_invalid: bool) -> str:
+  """The cache's name: a digest of everything the tokenized pairs depend on."""
+  ident = {
+      "files": [list(storage.identity(p)) for p in paths],
+      "tokenizer": _tokenizer_identity(tokenizer),
+      "truncation": [settings.max_length, settings.max_prompt_length, settings.truncation_mode],
+      "format": format,
+      "skip_invalid": bool(skip_invalid),
+      "version": 1,
+  }
+  return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def barrier(name: str, process_count: int) -> None:
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _agreed(key: str, process_count: int) -> str:
+  """Process 0's key on every process (hosts with their own copies of local files see other mtimes)."""
+  if process_count == 1:
+    return key
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(key.encode("ascii"), np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)).decode("ascii")
+
+
+def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count) -> dict:
+  """Parses and tokenizes this process's chunks; returns tokens, offsets and the part's meta."""
+  parts: list[np.ndarray] = []
+  offsets: list[list[int]] = []
+  chunk_pairs: dict[int, int] = {}
+  skipped: list[tuple[int, str]] = []
+  counts = {"invalid": 0, "dropped": 0}
+  pending: list[tuple[int, PairTexts | Any]] = []
+  pos = 0
+  error = None
+
+  def flush():
+    nonlocal pos
+    texts = [p for _, p in pending if isinstance(p, PairTexts)]
+    tokenized = iter(tokenize_pairs(texts, tokenizer))
+    for k, parsed in pending:
+      pair = next(tokenized) if isinstance(parsed, PairTexts) else parsed
+      pair, _ = truncate_pair(pair, settings, tokenizer.bos_id)
+      if pair is None:
+        counts["dropped"] += 1
+        continue
+      row = [pos]
+      for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+        a = np.asarray(ids, np.int32)
+        parts.append(a)
+        pos += len(a)
+        row.append(pos)
+      offsets.append(row)
+      chunk_pairs[k // CHUNK] = chunk_pairs.get(k // CHUNK, 0) + 1
+    pending.clear()
+
+  k = -1
+  for path in paths:
+    for line, record in read_records_lenient(path, format):
+      k += 1
+      if (k // CHUNK) % process_count != process_index:
+        continue  # another process's chunk
+      chunk_pairs.setdefault(k // CHUNK, 0)
+      try:
+        if isinstance(record, DataError):
+          raise record
+        pending.append((k, parse_record(record, tokenizer, path, line)))
+      except DataError as e:
+        if not skip_invalid:
+          error = (k, str(e))
+          break
+        counts["invalid"] += 1
+        if len(skipped) < _MAX_REPORTED:
+          skipped.append((k, str(e)))
+      if len(pending) >= CHUNK:
+        flush()
+    if error:
+      break
+  flush()
+  tokens = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+  meta = {"chunks": sorted(chunk_pairs), "pairs_per_chunk": [chunk_pairs[c] for c in sorted(chunk_pairs)],
+          "num_tokens": int(len(tokens)), "invalid": counts["invalid"], "dropped": counts["dropped"],
+          "skipped": skipped, "error": error, "process_count": process_count}
+  return {"tokens": tokens, "offsets": np.asarray(offsets, np.int64).reshape(-1, 4), "meta": meta}
+
+
+def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, format: str | None = None,
+                     max_length: int | None = None, max_prompt_length: int | None = None,
+                     truncation_mode: str = "keep_end", skip_invalid: bool = False, process_index: int = 0,
+                     process_count: int = 1):
+  """The dataset of ``files`` from the tokenized cache, tokenizing (split over processes) if absent.
+
+  Every process must call it (there are barriers when ``process_count > 1``).
+
+  Returns:
+    A `PreferenceDataset` whose tokens are a `TokenStore` over the cache's parts.
+
+  Raises:
+    DataError: as ``PreferenceDataset.from_files`` (the earliest bad record in file order).
+  """
+  from artifex_dpo.data.pipeline import PreferenceDataset
+
+  settings = TruncationSettings(max_length, max_prompt_length, truncation_mode)
+  paths = expand_files(files)
+  key = _agreed(cache_key(paths, tokenizer, settings, format, skip_invalid), process_count)
+  folder = storage.join(cache_dir, key)
+  index_path = storage.join(folder, "index.json")
+  if storage.isfile(index_path):
+    log.info("tokenized data: using the cache %s", folder)
+  else:
+    part = _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count)
+    name = storage.join(folder, f"part-{process_index:05d}-of-{process_count:05d}")
+    storage.makedirs(folder)
+    storage.write_bytes(f"{name}.tokens", part["tokens"].tobytes())
+    buf = io.BytesIO()
+    np.save(buf, part["offsets"], allow_pickle=False)
+    storage.write_bytes(f"{name}.offsets.npy", buf.getvalue())
+    storage.write_text(f"{name}.json", json.dumps(part["meta"]))  # last: the part is complete
+    log.info("tokenized data: process %d of %d tokenized %d records into %s", process_index, process_count,
+             sum(part["meta"]["pairs_per_chunk"]) + part["meta"]["invalid"] + part["meta"]["dropped"], name)
+    del part
+    barrier("artifex_data_cache_parts", process_count)
+    metas = [json.loads(storage.read_text(storage.join(folder, f"part-{p:05d}-of-{process_count:05d}.json")))
+             for p in range(process_count)]
+    errors = sorted(tuple(m["error"]) for m in metas if m["error"])
+    if errors:
+      raise _error_from_message(errors[0][1])
+    if process_index == 0:
+      storage.write_text(index_path, json.dumps({"parts": [f"part-{p:05d}-of-{process_count:05d}"
+                                                           for p in range(process_count)]}))
+    barrier("artifex_data_cache_index", process_count)
+  return _load(folder, key, paths, tokenizer.pad_id, PreferenceDataset)
+
+
+def _error_from_message(message: str) -> DataError:
+  """A DataError carrying another process's one-line message (``file:line: ...``) as is."""
+  return DataError(None, None, message)
+
+
+def _load(folder: str, key: str, paths: list[str], pad_id: int, dataset_cls):
+  index = json.loads(storage.read_text(storage.join(folder, "index.json")))
+  names = index["parts"]
+  metas = [json.loads(storage.read_text(storage.join(folder, f"{n}.json"))) for n in names]
+  offsets = [np.load(io.BytesIO(storage.read_bytes(storage.join(folder, f"{n}.offsets.npy"))), allow_pickle=False)
+             for n in names]
+  store = TokenStore([storage.join(folder, f"{n}.tokens") for n in names], [m["num_tokens"] for m in metas], key)
+  # Chunks in file order; each chunk's pairs sit contiguously in its part.
+  pieces = []
+  for p, m in enumerate(metas):
+    start = 0
+    for c, count in zip(m["chunks"], m["pairs_per_chunk"]):
+      pieces.append((c, p, start, count))
+      start += count
+  pieces.sort()
+  table = np.concatenate([offsets[p][s:s + n] + store.bases[p] for _, p, s, n in pieces]) if pieces else \
+      np.zeros((0, 4), np.int64)
+  invalid = sum(m["invalid"] for m in metas)
+  dropped = sum(m["dropped"] for m in metas)
+  if not len(table):
+    raise DataError(",".join(paths), None, f"no usable preference pairs ({invalid} invalid, {dropped} dropped by "
+                                           "truncation)")
+  skipped = [msg for _, msg in sorted(tuple(s) for m in metas for s in m["skipped"])][:_MAX_REPORTED]
+  for msg in skipped:
+    log.warning("skipping invalid record: %s", msg)
+  return dataset_cls(store, table, pad_id, num_skipped_invalid=invalid, num_dropped_truncated=dropped,
+                     skipped_messages=skipped)
