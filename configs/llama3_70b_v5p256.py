@@ -7,12 +7,12 @@ Check that the step fits before paying for the slice (compiles on CPU with libtp
 Run (every host runs the same command; launch/gke.py renders it for GKE):
 
     python -m artifex_dpo.main --config=configs/llama3_70b_v5p256.py --workdir=gs://BUCKET/runs/llama3-70b-dpo \\
-        --config.model.hf_checkpoint=/gcs/BUCKET/models/Llama-3.1-70B-Instruct \\
-        --config.data.tokenizer=/gcs/BUCKET/models/Llama-3.1-70B-Instruct \\
+        --config.model.hf_checkpoint=gs://BUCKET/models/Llama-3.1-70B-Instruct \\
+        --config.data.tokenizer=gs://BUCKET/models/Llama-3.1-70B-Instruct \\
         --config.data.train_files='gs://BUCKET/data/prefs/train-*.parquet'
 
-``model.hf_checkpoint`` is a local folder (config.json + *.safetensors): on GKE a bucket mounted
-with ``launch/gke.py --gcsfuse=BUCKET`` (at /gcs/BUCKET). ``data.tokenizer`` may be left out: the
+``model.hf_checkpoint`` is a folder (config.json + *.safetensors), local or ``gs://`` (read by byte
+range: each host reads only the slices it holds; no gcsfuse mount needed). ``data.tokenizer`` may be left out: the
 checkpoint folder's tokenizer is used.
 
 Why tensor 4: the 8 KV heads, 64 query heads, the 28672-wide MLP and the 128256 vocabulary all

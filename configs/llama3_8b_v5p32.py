@@ -7,12 +7,12 @@ Check that the step fits before paying for the slice (compiles on CPU with libtp
 Run (every host runs the same command; launch/gke.py renders it for GKE):
 
     python -m artifex_dpo.main --config=configs/llama3_8b_v5p32.py --workdir=gs://BUCKET/runs/llama3-8b-dpo \\
-        --config.model.hf_checkpoint=/gcs/BUCKET/models/Llama-3.1-8B-Instruct \\
-        --config.data.tokenizer=/gcs/BUCKET/models/Llama-3.1-8B-Instruct \\
+        --config.model.hf_checkpoint=gs://BUCKET/models/Llama-3.1-8B-Instruct \\
+        --config.data.tokenizer=gs://BUCKET/models/Llama-3.1-8B-Instruct \\
         --config.data.train_files='gs://BUCKET/data/prefs/train-*.parquet'
 
-``model.hf_checkpoint`` is a local folder (config.json + *.safetensors): on GKE a bucket mounted
-with ``launch/gke.py --gcsfuse=BUCKET`` (at /gcs/BUCKET). ``data.tokenizer`` may be left out: the
+``model.hf_checkpoint`` is a folder (config.json + *.safetensors), local or ``gs://`` (read by byte
+range: each host reads only the slices it holds; no gcsfuse mount needed). ``data.tokenizer`` may be left out: the
 checkpoint folder's tokenizer is used. Every key is documented in artifex_dpo/config.py (DOCS).
 
 Memory per chip (FSDP over 16): fp32 master weights + Adam moments + gradients ~ 8.0e9 x 16 B / 16

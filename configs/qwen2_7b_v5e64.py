@@ -7,12 +7,12 @@ Check that the step fits before paying for the slice (compiles on CPU with libtp
 Run (every host runs the same command; launch/gke.py renders it for GKE):
 
     python -m artifex_dpo.main --config=configs/qwen2_7b_v5e64.py --workdir=gs://BUCKET/runs/qwen2-7b-dpo \\
-        --config.model.hf_checkpoint=/gcs/BUCKET/models/Qwen2-7B-Instruct \\
-        --config.data.tokenizer=/gcs/BUCKET/models/Qwen2-7B-Instruct \\
+        --config.model.hf_checkpoint=gs://BUCKET/models/Qwen2-7B-Instruct \\
+        --config.data.tokenizer=gs://BUCKET/models/Qwen2-7B-Instruct \\
         --config.data.train_files='gs://BUCKET/data/prefs/train-*.parquet'
 
-``model.hf_checkpoint`` is a local folder (config.json + *.safetensors): on GKE a bucket mounted
-with ``launch/gke.py --gcsfuse=BUCKET`` (at /gcs/BUCKET). ``data.tokenizer`` may be left out: the
+``model.hf_checkpoint`` is a folder (config.json + *.safetensors), local or ``gs://`` (read by byte
+range: each host reads only the slices it holds; no gcsfuse mount needed). ``data.tokenizer`` may be left out: the
 checkpoint folder's tokenizer is used.
 
 16 GiB per chip is the constraint. The weights are not the problem: over 64 chips the policy's fp32

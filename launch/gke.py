@@ -2,7 +2,7 @@
 
     python -m launch.gke --tpu=v5p-32 --image=REGION-docker.pkg.dev/PROJECT/REPO/artifex-dpo:TAG \\
         --config=configs/llama3_8b_v5p32.py --workdir=gs://BUCKET/runs/llama3-8b-dpo \\
-        --config.model.hf_checkpoint=/gcs/BUCKET/models/Llama-3.1-8B-Instruct > jobset.yaml
+        --config.model.hf_checkpoint=gs://BUCKET/models/Llama-3.1-8B-Instruct > jobset.yaml
     kubectl apply -f jobset.yaml            # or add --apply
 
 Without ``--apply`` nothing is submitted: the manifest goes to stdout (or ``--output``) and a
@@ -244,7 +244,7 @@ class JobSpec:
     queue: Kueue LocalQueue name.
     host_network: use the host network (unset: on for multi-slice, as DCN traffic wants).
     gcsfuse_buckets: buckets mounted read-only at ``/gcs/BUCKET`` by the GCS FUSE CSI driver (HF
-      checkpoints, tokenizers), e.g. ``model.hf_checkpoint=/gcs/BUCKET/models/Llama-3.1-8B``.
+      checkpoints, tokenizers), e.g. ``model.hf_checkpoint=gs://BUCKET/models/Llama-3.1-8B``.
     failure_rules: add the preemption / bad-input rules (needs a JobSet with failurePolicy.rules).
     image_pull_policy: the container's imagePullPolicy.
   """
