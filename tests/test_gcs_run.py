@@ -60,8 +60,8 @@ def _download(uri: str, local: Path) -> None:
     (local / name).write_bytes(storage.read_bytes(storage.join(uri, name)))
 
 
-def _start(workdir, inputs, env):
-  cmd = [sys.executable, "-m", "artifex_dpo.main", "--config=configs/tiny.py", f"--workdir={workdir}", *ARGS,
+def _start(workdir, inputs, env, extra=()):
+  cmd = [sys.executable, "-m", "artifex_dpo.main", "--config=configs/tiny.py", f"--workdir={workdir}", *ARGS, *extra,
          f"--config.data.train_files={inputs}/data/train.jsonl", f"--config.model.hf_checkpoint={inputs}/llama",
          "--config.data.tokenizer=", "--config.model.preset=", "--config.data.pad_multiple=16"]
   return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", **env), stdout=subprocess.PIPE,
@@ -134,3 +134,26 @@ def test_bucket_run_preempted_and_resumed_matches_local_disk(gcs_emulator, input
     b = transformers.AutoModelForCausalLM.from_pretrained(Path(local_run) / "export").eval()(ids).logits
   np.testing.assert_array_equal(a.numpy(), b.numpy())
   assert (tmp_path / "export" / "tokenizer.json").is_file()  # copied from the bucket's checkpoint folder
+
+
+def test_two_processes_on_the_bucket_match_local_disk(gcs_emulator, inputs, local_run):
+  """Two real processes (jax.distributed on 127.0.0.1): each tokenizes half the data into the bucket's
+  cache and writes its share; the losses are the one-process, local-disk ones."""
+  from processes import free_port
+
+  workdir = gcs_emulator.fresh("two")
+  port = free_port()
+  procs = [_start(workdir, inputs[1], dict(gcs_emulator.env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                  extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-4000:]
+  ours, local = _rows(workdir), _rows(local_run)
+  assert sorted(ours) == sorted(local)
+  for step in local:
+    for key in ("loss", "rewards/margins", "logps/chosen", "tokens"):
+      np.testing.assert_allclose(ours[step][key], local[step][key], rtol=1e-5, atol=1e-6, err_msg=f"{key}@{step}")
+  parts = [n for n in storage.listdir(storage.join(workdir, "data_cache", storage.listdir(
+      storage.join(workdir, "data_cache"))[0])) if n.endswith(".json") and n.startswith("part-")]
+  assert parts == ["part-00000-of-00002.json", "part-00001-of-00002.json"]

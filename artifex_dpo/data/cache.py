@@ -11,8 +11,8 @@ counters, same ``file:line`` errors), but:
   each process parses and tokenizes only its chunks and writes its part
   (``part-<p>.tokens`` int32, ``part-<p>.offsets.npy``, then ``part-<p>.json`` last);
 * every process then keeps only the per-pair table (offsets, lengths: 40 bytes a pair) in memory;
-  token ranges are read on demand from the parts (`TokenStore`: memory-mapped locally, by byte
-  range with a small block cache from a bucket).
+  token ranges are read on demand from the parts (`TokenStore`: ``pread`` of exactly the ranges
+  locally, by byte range with a small block cache from a bucket).
 
 Multi-host hazard: a bad record is found by one process only. It does not raise at once (the
 others would wait for it forever at the barrier); it records the error in its part, every process
@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,8 +39,8 @@ from artifex_dpo.data.sources import expand_files, read_records_lenient
 
 CHUNK = 1024  # records per unit of work
 _MAX_REPORTED = 10
-_BLOCK = 1 << 18  # tokens per block read from a bucket (1 MiB)
-_CACHED_BLOCKS = 64
+_BLOCK = 1 << 16  # tokens per block read from a bucket (256 KiB)
+_CACHED_BLOCKS = 64  # at most 16 MiB of blocks
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 class TokenStore:
   """A read-only int32 token buffer made of part files, read on demand.
 
-  Supports ``len``, ``store[a:b]`` and ``store[int_array]`` (what the batch builders use).
+  Supports ``len``, ``store[a:b]`` and ``store[int_array]`` (what the batch builders use). Holds
+  nothing but open file descriptors and (for a bucket) up to 16 MiB of recently read blocks.
   """
 
   def __init__(self, paths: Sequence[str], sizes: Sequence[int], fingerprint: str):
@@ -55,7 +57,7 @@ class TokenStore:
     self.sizes = np.asarray(sizes, np.int64)
     self.bases = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
     self.fingerprint = fingerprint
-    self._maps: dict[int, np.ndarray] = {}
+    self._fds: dict[int, int] = {}
     self._blocks: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
     self.dtype = np.dtype(np.int32)
 
@@ -66,13 +68,35 @@ class TokenStore:
   def nbytes(self) -> int:
     return 4 * len(self)
 
-  def _local(self, part: int) -> np.ndarray:
-    if part not in self._maps:
-      if self.sizes[part] == 0:
-        self._maps[part] = np.zeros((0,), np.int32)
-      else:
-        self._maps[part] = np.memmap(self.paths[part], np.int32, mode="r", shape=(int(self.sizes[part]),))
-    return self._maps[part]
+  def _fd(self, part: int) -> int:
+    if part not in self._fds:
+      self._fds[part] = os.open(self.paths[part], os.O_RDONLY)
+    return self._fds[part]
+
+  def _read_runs(self, part: int, local: np.ndarray) -> np.ndarray:
+    """Local file: one ``pread`` per run of consecutive positions (a pair's prompt, a response).
+
+    Not a memory map: with batches of shuffled pairs, the kernel's fault-around / read-ahead made
+    the mapped (resident) part grow to the whole buffer within a few batches.
+    """
+    out = np.empty(local.shape, np.int32)
+    if not len(local):
+      return out
+    breaks = np.flatnonzero(np.diff(local) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(local)]])
+    fd = self._fd(part)
+    for a, b in zip(starts, stops):
+      raw = os.pread(fd, 4 * int(b - a), 4 * int(local[a]))
+      out[a:b] = np.frombuffer(raw, np.int32)
+    return out
+
+  def __del__(self):
+    for fd in getattr(self, "_fds", {}).values():
+      try:
+        os.close(fd)
+      except OSError:
+        pass
 
   def _block(self, part: int, block: int) -> np.ndarray:
     key = (part, block)
@@ -89,7 +113,7 @@ class TokenStore:
 
   def _gather(self, part: int, local: np.ndarray) -> np.ndarray:
     if not storage.is_remote(self.paths[part]):
-      return np.asarray(self._local(part)[local])
+      return self._read_runs(part, local)
     out = np.empty(local.shape, np.int32)
     blocks = local // _BLOCK
     for b in np.unique(blocks):

@@ -1,0 +1,169 @@
+"""Tokenize once: first-run tokenization time, restart time to the first batch, and memory per process.
+
+    python benchmarks/tokenize_cache.py --pairs=1000000 --workdir=/tmp/tokbench [--processes=1,2]
+
+Generates a preference set (prompts ~200 tokens, responses ~300 each) and trains a byte-level BPE
+tokenizer on a sample of it with `tokenizers`. Then, for each process count P, starts P real
+processes (jax.distributed on 127.0.0.1, as the trainer does) that each
+
+1. tokenize their ~1/P of the records into a fresh ``data_cache`` (``artifex_dpo.data.cache``): the
+   first run's tokenization time, and the records each process tokenized;
+2. start again on the same cache: the time from the call to the first batch in hand (the data part
+   of a restart's time to its first step: cache lookup, the per-pair table, the loader's first batch);
+3. report the peak resident memory (``ru_maxrss``) and the resident memory the data adds after the
+   restart's load (RSS after minus RSS before), next to the token buffer's size.
+
+Prints one JSON line per process count. Not a test: timings depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+WORDS = None
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _text(rng: random.Random, words: list[str], n: int) -> str:
+  return " ".join(rng.choice(words) for _ in range(n))
+
+
+def generate(path: str, pairs: int, seed: int = 0) -> None:
+  rng = random.Random(seed)
+  syll = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "gor", "lin", "tes", "pra", "ul"]
+  words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(5000)]
+  with open(path, "w") as f:
+    for _ in range(pairs):
+      # ~1 BPE token a word with this vocabulary: prompts ~200 tokens, responses ~300
+      f.write(json.dumps({"prompt": _text(rng, words, 200), "chosen": _text(rng, words, 300),
+                          "rejected": _text(rng, words, 300)}) + "\n")
+
+
+def train_tokenizer(data: str, folder: str, sample: int = 5000) -> None:
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, trainers
+
+  texts = []
+  with open(data) as f:
+    for i, line in enumerate(f):
+      if i >= sample:
+        break
+      r = json.loads(line)
+      texts += [r["prompt"], r["chosen"], r["rejected"]]
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=["<unk>", "<s>", "</s>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  os.makedirs(folder, exist_ok=True)
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+
+
+def worker(args) -> None:
+  import jax
+
+  if args.process_count > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.process_count,
+                               process_id=args.process_index)
+  from artifex_dpo.data import PreferenceLoader, cache, load_tokenizer
+
+  tok = load_tokenizer(args.tokenizer)
+  kw = dict(max_length=1024, max_prompt_length=512, process_index=args.process_index,
+            process_count=args.process_count)
+  out = {"process": args.process_index}
+  if args.phase == "first":
+    calls = []
+    real = cache.tokenize_pairs
+    cache.tokenize_pairs = lambda texts, t: calls.append(len(texts)) or real(texts, t)
+    t = time.perf_counter()
+    ds = cache.load_or_tokenize(args.data, tok, args.cache, **kw)
+    out.update(tokenize_s=time.perf_counter() - t, records_tokenized=sum(calls), pairs=len(ds))
+  else:
+    before = _rss_bytes()
+    t = time.perf_counter()
+    ds = cache.load_or_tokenize(args.data, tok, args.cache, **kw)
+    loader = PreferenceLoader(ds, 64, seed=0, process_index=args.process_index, process_count=args.process_count,
+                              pad_multiple=64, max_length=1024)
+    next(iter(loader))
+    out.update(restart_to_first_batch_s=time.perf_counter() - t, data_rss_bytes=_rss_bytes() - before,
+               token_buffer_bytes=int(ds.tokens.nbytes), pair_table_bytes=int(ds.offsets.nbytes + ds.lengths.nbytes))
+  out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_processes(args, processes: int, phase: str, cache_dir: str) -> list[dict]:
+  port = 20000 + random.randint(0, 20000)
+  cmds = [[sys.executable, os.path.abspath(__file__), "--worker", f"--phase={phase}", f"--data={args.data}",
+           f"--tokenizer={args.tokenizer}", f"--cache={cache_dir}", f"--process_index={i}",
+           f"--process_count={processes}", f"--coordinator=127.0.0.1:{port}"] for i in range(processes)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
+  results = []
+  for p in procs:
+    stdout, stderr = p.communicate()
+    if p.returncode:
+      raise SystemExit(stderr[-3000:])
+    results += [json.loads(l[len("RESULT "):]) for l in stdout.splitlines() if l.startswith("RESULT ")]
+  return results
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--pairs", type=int, default=1_000_000)
+  ap.add_argument("--workdir", default="/tmp/tokbench")
+  ap.add_argument("--processes", default="1,2")
+  ap.add_argument("--worker", action="store_true")
+  ap.add_argument("--phase", default="first")
+  ap.add_argument("--data")
+  ap.add_argument("--tokenizer")
+  ap.add_argument("--cache")
+  ap.add_argument("--process_index", type=int, default=0)
+  ap.add_argument("--process_count", type=int, default=1)
+  ap.add_argument("--coordinator")
+  args = ap.parse_args()
+  if args.worker:
+    worker(args)
+    return
+  os.makedirs(args.workdir, exist_ok=True)
+  args.data = os.path.join(args.workdir, f"prefs-{args.pairs}.jsonl")
+  args.tokenizer = os.path.join(args.workdir, "tokenizer")
+  if not os.path.isfile(args.data):
+    generate(args.data, args.pairs)
+  if not os.path.isdir(args.tokenizer):
+    train_tokenizer(args.data, args.tokenizer)
+  for processes in (int(x) for x in args.processes.split(",")):
+    cache_dir = os.path.join(args.workdir, f"cache-p{processes}")
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    first = run_processes(args, processes, "first", cache_dir)
+    restart = run_processes(args, processes, "restart", cache_dir)
+    tok_s = max(r["tokenize_s"] for r in first)
+    print(json.dumps({
+        "pairs": args.pairs, "processes": processes, "first_run_tokenize_s": round(tok_s, 2),
+        "records_tokenized_per_process": [r["records_tokenized"] for r in first],
+        "restart_to_first_batch_s": round(max(r["restart_to_first_batch_s"] for r in restart), 3),
+        "restart_over_first": round(max(r["restart_to_first_batch_s"] for r in restart) / tok_s, 4),
+        "token_buffer_bytes": restart[0]["token_buffer_bytes"], "pair_table_bytes": restart[0]["pair_table_bytes"],
+        "data_rss_bytes_per_process": [r["data_rss_bytes"] for r in restart],
+        "peak_rss_bytes_per_process": [r["peak_rss_bytes"] for r in restart],
+    }), flush=True)
+
+
+if __name__ == "__main__":
+  main()
