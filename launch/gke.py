@@ -56,7 +56,7 @@ SPOT_LABEL = "cloud.google.com/gke-spot"
 TPU_RESOURCE = "google.com/tpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
-# The trainer's exit codes (DESIGN.md): 2 bad config / data, 3 diverged, 75 preempted after a checkpoint.
+# The trainer's exit codes (docs/design.md): 2 bad config / data, 3 diverged, 75 preempted after a checkpoint.
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75
 DEFAULT_GRACE_PERIOD_S = 300
 DEFAULT_MAX_RESTARTS = 10
