@@ -300,8 +300,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     # Every eval batch is normalised by the counts of the whole eval set (pairs, scored tokens of
     # each side), so each batch's metrics are its share of the set's and the shares add up; the
     # filler pairs of a last, partial batch count nowhere (pair_mask).
-    scored = eval_ds.scored_lengths.sum(axis=0)
-    normalizers = losses.Normalizers(*(np.float32(x) for x in (len(eval_ds), scored[0], scored[1])))
+    normalizers = eval_normalizers(eval_ds)
     sums: dict[str, float] = {}
     for local in eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
                               c.data.pad_multiple, c.data.max_length):
@@ -412,6 +411,15 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     checkpointer.close()
     writer.close()
   return exit_code
+
+
+def eval_normalizers(dataset: PreferenceDataset) -> losses.Normalizers:
+  """The denominators of the eval metrics: the set's pairs and scored chosen / rejected tokens.
+
+  Every process holds the whole eval set, so each computes the same numbers without a collective.
+  """
+  scored = dataset.scored_lengths.sum(axis=0)
+  return losses.Normalizers(*(np.float32(x) for x in (len(dataset), scored[0], scored[1])))
 
 
 def _tokenizer_dir(c) -> str | None:

@@ -19,7 +19,7 @@ from flax import nnx
 
 from artifex_dpo import DPOConfig, DPOTrainer
 from artifex_dpo.data import PreferenceDataset, load_tokenizer, make_batch
-from artifex_dpo.data.formats import parse_record, tokenize_pairs
+from artifex_dpo.data.formats import TokenizedPair, parse_record, tokenize_pairs
 from artifex_dpo.data.packing import PackingPlan, make_packed_batch
 from artifex_dpo.data.synthetic import synthetic_records
 from artifex_dpo.models import LlamaModel, get_preset
@@ -155,3 +155,38 @@ def test_accumulation_is_refused_for_losses_that_sort_over_the_batch(data):
       DPOTrainer(model=model, reference_model=model, optimizer=opt, config=DPOConfig(loss_type=loss_type),
                  grad_accum_steps=2)
   DPOTrainer(model=model, reference_model=model, optimizer=opt, config=DPOConfig(loss_type="aot"))
+
+
+def test_eval_batches_with_the_sets_normalizers_add_up_to_the_whole_set(data):
+  """What the service's eval does: every eval batch (the last one filled up with filler pairs) is
+  normalised by the whole set's counts, and the batches' metrics are added."""
+  from artifex_dpo.data import eval_batches
+  from artifex_dpo.train import eval_normalizers
+  from artifex_dpo.trainer import batch_normalizers, dpo_loss
+
+  ds, mcfg, token_logps = data
+  # A pair with an empty prompt: its response's first token has no context and is not scored.
+  edge = TokenizedPair(np.zeros(0, np.int32), np.array([97, 98, 99], np.int32), np.array([120, 121], np.int32))
+  ds = PreferenceDataset.from_pairs([ds[i] for i in range(len(ds))] + [edge], ds.pad_id)
+  assert ds.prompt_lengths[-1] == 0
+  whole = padded(ds, np.arange(len(ds)))
+  norms = eval_normalizers(ds)
+  for got, want in zip(norms, batch_normalizers(whole), strict=True):
+    assert float(got) == float(want)
+  policy, ref = LlamaModel(mcfg, rngs=nnx.Rngs(0)), LlamaModel(mcfg, rngs=nnx.Rngs(1))
+  settings = CONFIGS["sigmoid,sft"].loss_settings()
+  evaluate = jax.jit(lambda b, n: dpo_loss(policy, ref, b, settings, chunk_size=32, normalizers=n)[1])
+  length = int(ds.lengths.max())
+  sums = {}
+  for local in eval_batches(ds, 4, max_length=length):  # 11 pairs: batches of 4, 4 and 3 + 1 filler
+    b = local
+    side = lambda s: GeneratedSequenceBatch(sequences=jnp.asarray(b[f"{s}_tokens"]),
+                                           response_mask=jnp.asarray(b[f"{s}_response_mask"]),
+                                           segment_ids=jnp.asarray(b[f"{s}_segment_ids"]))
+    batch = PreferenceBatch(chosen=side("chosen"), rejected=side("rejected"), pair_mask=jnp.asarray(b["pair_mask"]))
+    for k, v in jax.device_get(evaluate(batch, norms)).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  assert local["pair_mask"].tolist() == [1, 1, 1, 0]
+  expected = jax.device_get(evaluate(whole, batch_normalizers(whole)))
+  for k, v in expected.items():
+    np.testing.assert_allclose(sums[k], float(v), rtol=2e-5, atol=1e-6, err_msg=k)
