@@ -314,7 +314,9 @@ def make_train_step(
     m_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
 
-    normalizers = batch_normalizers(batch)  # of the whole batch, handed to every microbatch
+    # Counted over the whole global batch (under jit a sum over the sharded batch is a global
+    # reduction, so every device and process uses the same counts), handed to every microbatch.
+    normalizers = batch_normalizers(batch)
 
     def loss_of(p, rest_state, micro):
       m = nnx.merge(m_graphdef, p, rest_state)
