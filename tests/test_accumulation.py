@@ -50,7 +50,12 @@ def oracle_token_logps(model_config, ds):
   out = {}
   for side in ("chosen", "rejected"):
     s = getattr(batch, side)
-    seqs, mask = np.asarray(s.sequences), np.asarray(s.response_mask, np.float64)
+    seqs = np.asarray(s.sequences)
+    # The scored tokens from the dataset's offsets (not the batch's mask): the response, from position 1 on.
+    o = ds.offsets
+    prompt, end = o[:, 1] - o[:, 0], o[:, 1] - o[:, 0] + (o[:, 2] - o[:, 1] if side == "chosen" else o[:, 3] - o[:, 2])
+    t = np.arange(seqs.shape[1])[None, :]
+    mask = ((t >= np.maximum(prompt, 1)[:, None]) & (t < end[:, None])).astype(np.float64)
     per_tok = []
     for m in (policy, ref):
       logits = np.asarray(forward(nnx.state(m), s.sequences, s.segment_ids), np.float64)
