@@ -85,3 +85,26 @@ def test_kill_during_async_save_to_bucket_resumes_from_last_complete(gcs_emulato
   c.save(2, state, {"step": 2})  # and the run goes on saving over the debris
   c.close()
   assert Checkpointer(directory, max_to_keep=5, async_save=True).latest_step() == 2
+
+
+def test_safetensors_in_a_bucket_are_read_by_byte_range(gcs_emulator, monkeypatch):
+  """A slice of a tensor in a bucket reads its rows' bytes only, and equals the local read."""
+  import numpy as np
+  from safetensors.numpy import save
+
+  from artifex_dpo.models import hf
+
+  rng = np.random.default_rng(0)
+  tensors = {"a": rng.standard_normal((64, 48)).astype(np.float32), "b": rng.standard_normal((8,)).astype(np.float32)}
+  folder = gcs_emulator.fresh("st")
+  storage.write_bytes(storage.join(folder, hf.SINGLE_FILE), save(tensors))
+  ranges = []
+  real = storage.read_range
+  monkeypatch.setattr(storage, "read_range", lambda p, a, b: ranges.append(b - a) or real(p, a, b))
+  reader = hf.CheckpointReader(folder)
+  assert reader.shape("a") == (64, 48)
+  ranges.clear()
+  got = reader.read("a", (slice(16, 24), slice(8, 40)))
+  np.testing.assert_array_equal(got, tensors["a"][16:24, 8:40])
+  assert ranges == [8 * 48 * 4]  # rows 16..23 only, one ranged GET
+  np.testing.assert_array_equal(reader.read("b", (slice(None),)), tensors["b"])
