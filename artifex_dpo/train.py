@@ -261,11 +261,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   resolved = json.loads(c.to_json())
   meta = {"config": resolved, "train_fingerprint": train_ds.fingerprint()}
   start = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    saved_meta = checkpointer.read_meta(latest)
-    _check_config_change(saved_meta, meta, c, f"{checkpointer.directory}/{latest}")
-    state = checkpointer.restore(latest, spec.abstract_state, spec.shardings)
+  resumed = checkpointer.restore_latest(spec.abstract_state, spec.shardings,
+                                        check_meta=lambda saved, path: _check_config_change(saved, meta, c, path))
+  if resumed is not None:
+    latest, state, saved_meta = resumed
     start = int(saved_meta["step"])
     counters["train/nonfinite_steps"] = int(saved_meta.get("counters", {}).get("train/nonfinite_steps", 0))
     logging.info("resumed from %s/%d", checkpointer.directory, latest)
