@@ -1,0 +1,76 @@
+"""Storage errors as one line: the path and what the errno means (read-only, no space, not a folder).
+
+A read-only workdir, a workdir whose parent is a file, or a full disk are input errors (exit 2), not
+crashes: a restart cannot fix them, a person must. :func:`storage_error` finds such an error in an
+exception chain, including tensorstore's (Orbax) errors, which carry the errno only in their text.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+# Errors of the storage itself (not of a missing input file, which the data layer reports).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                            errno.EDQUOT, errno.EIO, errno.EISDIR, errno.EFBIG})
+_TS_ERRNO = re.compile(r"os_error_code='?(\d+)")
+_TS_PATH = re.compile(r'"(/[^"]+)"')
+
+
+def storage_error(e: BaseException) -> str | None:
+  """``"PATH: strerror"`` for the first storage error in ``e``'s chain; None if there is none."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+      return f"{_short(str(e.filename or '?'))}: {os.strerror(e.errno)}"
+    match = _TS_ERRNO.search(str(e))
+    if match and int(match.group(1)) in STORAGE_ERRNOS:
+      paths = _TS_PATH.findall(str(e)[:match.start()])
+      return f"{_short(paths[-1]) if paths else '?'}: {os.strerror(int(match.group(1)))}"
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _short(path: str) -> str:
+  """``.../checkpoints/7.orbax-checkpoint-tmp/state.../d/1a2b`` -> ``.../checkpoints/7`` (the checkpoint being saved)."""
+  head, sep, _ = path.partition(".orbax-checkpoint-tmp")
+  return head if sep else path
+
+
+def quiet_closed_event_loops() -> None:
+  """Drops the "Event loop is closed" tracebacks that tensorstore callbacks print after a failed Orbax
+  read or write (the failure itself is reported once, by main); other errors print as before."""
+  import sys
+
+  default = sys.excepthook
+
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    default(kind, value, tb)
+
+  sys.excepthook = hook
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates the workdir and writes a file in it: storage errors surface here, before any work.
+
+  Raises:
+    OSError: naming the path (see :func:`storage_error`).
+  """
+  if "://" in workdir:
+    return  # object stores: the lease write is the probe
+  os.makedirs(workdir, exist_ok=True)
+  probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("x" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, workdir) from None  # name the workdir, not the probe file
+  finally:
+    if os.path.exists(probe):
+      os.remove(probe)
