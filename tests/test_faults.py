@@ -434,3 +434,47 @@ def test_a_config_file_that_raises_names_file_and_line(tmp_path, body, line_no, 
   line = _error_line(proc)
   assert f"{config}:{line_no}: " in line and needle in line, line
   assert "Traceback" not in proc.stderr
+
+
+def test_a_lease_from_another_host_is_taken_over_when_stale_and_refused_when_renewed(tmp_path):
+  """The cross-host path: the holder's process cannot be seen, only whether it renews the lease."""
+  import threading
+
+  from artifex_dpo.lease import LocalBackend
+
+  w = tmp_path / "w"
+  w.mkdir()
+  backend = LocalBackend(str(w / "lease.json"))
+  other = {"host": "another-host", "pid": 1, "start_time": "2026-01-01T00:00:00Z"}
+  args = ["--config.train.lease_timeout_s=3", "--config.data.synthetic_pairs=64", LONG]
+  # Not renewed: taken over after the timeout; then SIGTERM before the first step (exit 75 at once).
+  assert backend.write_if(other, None) == 1
+  proc = start_logged(w, *args, log_dir=tmp_path)
+  t0 = time.time()
+  wait_until(holds_lease(w, proc), [proc], "the stale lease taken over")
+  waited = time.time() - t0
+  proc.send_signal(signal.SIGTERM)
+  code, err = finish(proc, timeout=60)
+  assert code == 75, err[-3000:]
+  assert "took over the workdir lease of host another-host pid 1" in err and "not renewed for 3 s" in err
+  assert waited >= 3
+  # Renewed by its holder while the newcomer watches: refused, naming the holder.
+  assert backend.write_if(other, None) == 1
+  stop = threading.Event()
+
+  def renew():
+    generation = 1
+    while not stop.wait(0.5):
+      generation = backend.write_if(other, generation) or generation
+
+  renewer = threading.Thread(target=renew, daemon=True)
+  renewer.start()
+  try:
+    proc = run_main(w, *args, timeout=120)
+  finally:
+    stop.set()
+    renewer.join()
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = _error_line(proc)
+  assert "in use by a live run" in line and "host another-host pid 1 (started 2026-01-01T00:00:00Z)" in line
+  assert json.loads((w / "lease.json").read_text())["host"] == "another-host"
