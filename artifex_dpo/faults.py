@@ -34,7 +34,7 @@ def storage_error(e: BaseException) -> str | None:
 
 
 def _short(path: str) -> str:
-  """``.../checkpoints/7.orbax-checkpoint-tmp/state.../d/1a2b`` -> ``.../checkpoints/7`` (the checkpoint being saved)."""
+  """``.../checkpoints/7.orbax-checkpoint-tmp/state.../d/1a2b`` -> ``.../checkpoints/7`` (the save that failed)."""
   head, sep, _ = path.partition(".orbax-checkpoint-tmp")
   return head if sep else path
 
