@@ -200,7 +200,11 @@ class Lease:
 
     def loop():
       while not self._stop.wait(self.timeout_s / 4):
-        generation = self.backend.write_if(dict(self._doc, renewed=time.time()), self._generation)
+        try:
+          generation = self.backend.write_if(dict(self._doc, renewed=time.time()), self._generation)
+        except OSError as e:  # a full disk, a network hiccup: try again at the next tick
+          self._say(f"could not renew the workdir lease ({e}); retrying")
+          continue
         if generation is None:
           current = self.backend.read()
           on_lost(describe(current[0]) if current else "nobody (deleted)")

@@ -478,3 +478,26 @@ def test_a_lease_from_another_host_is_taken_over_when_stale_and_refused_when_ren
   line = _error_line(proc)
   assert "in use by a live run" in line and "host another-host pid 1 (started 2026-01-01T00:00:00Z)" in line
   assert json.loads((w / "lease.json").read_text())["host"] == "another-host"
+
+
+def test_a_holder_whose_lease_was_taken_over_is_told_and_compare_and_swap_has_one_winner(tmp_path):
+  """In-process: the renewal thread notices a takeover; of two writers with the same generation one wins."""
+  from artifex_dpo.lease import Lease, LocalBackend
+
+  path = str(tmp_path / "lease.json")
+  lease = Lease(path, timeout_s=0.4)
+  lease.acquire()
+  lost = []
+  lease.start_renewing(lost.append)
+  time.sleep(0.3)
+  backend = LocalBackend(path)
+  _, generation = backend.read()
+  assert generation > 1  # renewed
+  assert backend.write_if({"host": "x", "pid": 9, "start_time": "t"}, generation) == generation + 1
+  assert backend.write_if({"host": "y", "pid": 8, "start_time": "t"}, generation) is None  # lost the race
+  deadline = time.time() + 5
+  while not lost and time.time() < deadline:
+    time.sleep(0.02)
+  assert lost == ["host x pid 9 (started t)"]
+  lease.release()  # not ours any more: left alone
+  assert backend.read()[0]["host"] == "x"
