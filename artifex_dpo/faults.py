@@ -44,14 +44,20 @@ def quiet_closed_event_loops() -> None:
   read or write (the failure itself is reported once, by main); other errors print as before."""
   import sys
 
-  default = sys.excepthook
+  default, default_unraisable = sys.excepthook, sys.unraisablehook
+
+  def closed(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
   def hook(kind, value, tb):
-    if kind is RuntimeError and str(value) == "Event loop is closed":
-      return
-    default(kind, value, tb)
+    if not closed(value):
+      default(kind, value, tb)
 
-  sys.excepthook = hook
+  def unraisable(info):  # tensorstore reports a failed callback with PyErr_WriteUnraisable
+    if not closed(info.exc_value):
+      default_unraisable(info)
+
+  sys.excepthook, sys.unraisablehook = hook, unraisable
 
 
 def check_workdir(workdir: str) -> None:
