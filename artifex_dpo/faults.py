@@ -18,17 +18,20 @@ _TS_ERRNO = re.compile(r"os_error_code='?(\d+)")
 _TS_PATH = re.compile(r'"(/[^"]+)"')
 
 
-def storage_error(e: BaseException) -> str | None:
-  """``"PATH: strerror"`` for the first storage error in ``e``'s chain; None if there is none."""
+def storage_error(e: BaseException, where: str = "?") -> str | None:
+  """``"PATH: strerror"`` for the first storage error in ``e``'s chain; None if there is none.
+
+  ``where`` stands for the path when the error names none (a write to an open file, say).
+  """
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-      return f"{_short(str(e.filename or '?'))}: {os.strerror(e.errno)}"
+      return f"{_short(str(e.filename or where))}: {os.strerror(e.errno)}"
     match = _TS_ERRNO.search(str(e))
     if match and int(match.group(1)) in STORAGE_ERRNOS:
       paths = _TS_PATH.findall(str(e)[:match.start()])
-      return f"{_short(paths[-1]) if paths else '?'}: {os.strerror(int(match.group(1)))}"
+      return f"{_short(paths[-1]) if paths else where}: {os.strerror(int(match.group(1)))}"
     e = e.__cause__ or e.__context__
   return None
 

@@ -131,7 +131,7 @@ def _take_lease(c, workdir: str, sig):
     except lease_lib.LeaseError as e:
       error = str(e)
     except OSError as e:
-      error = faults.storage_error(e) or str(e)
+      error = faults.storage_error(e, where=workdir) or str(e)
   if jax.process_count() > 1:
     # Multi-host hazard: every process must learn process 0's outcome, or the others would hang
     # in their first collective while process 0 exits.
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
   try:
     faults.check_workdir(_WORKDIR.value)
   except OSError as e:
-    _fail(faults.storage_error(e) or f"--workdir {_WORKDIR.value}: {e}")
+    _fail(faults.storage_error(e, where=_WORKDIR.value) or f"--workdir {_WORKDIR.value}: {e}")
   init_distributed()
   lease = _take_lease(c, _WORKDIR.value, sig)
   from artifex_dpo import train
@@ -187,7 +187,7 @@ def main(argv: list[str]) -> None:
       logging.exception("bad input")
     _fail(str(e).splitlines()[0])
   except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder: one line, exit 2
-    storage = faults.storage_error(e)
+    storage = faults.storage_error(e, where=f"workdir {_WORKDIR.value}")
     if storage is None:
       raise
     if logging.get_verbosity() >= 1:

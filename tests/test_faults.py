@@ -102,12 +102,6 @@ def biggest_data_file(ckpt: Path) -> Path:
              key=lambda p: p.stat().st_size)
 
 
-def traceback_frames(err: str) -> str:
-  """The frame lines of every traceback in ``err`` (tensorstore's callbacks may print some after a
-  failed Orbax read or write; ours must never)."""
-  return "\n".join(l for l in err.splitlines() if l.startswith('  File "'))
-
-
 class Story(dict):
   """What happened: name -> (returncode, stderr), plus facts recorded along the way."""
 
@@ -258,6 +252,7 @@ def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_bitwise(story):
   ck = w / "checkpoints"
   warnings = [l for l in err.splitlines() if " is damaged (" in l]
   assert len(warnings) == 4, warnings
+  assert "Traceback" not in err  # one line each (tensorstore's late callbacks included)
   for step, why in ((k + 1, "the folder is empty"), (k, "cannot read the state's arrays"),
                     (k - 1, "cannot read the state's arrays"), (k - 2, "state/_METADATA")):
     line = next(l for l in warnings if f"checkpoint {ck / str(step)} is damaged" in l)
@@ -276,8 +271,9 @@ def test_full_disk_exits_2_keeps_the_last_checkpoint_and_the_rerun_resumes(story
   code, err = story["E"]
   assert code == 2, err[-3000:]
   line = _error_line(type("P", (), {"stderr": err}))
-  assert "No space left on device" in line and str(story["workdir"] / "checkpoints") in line, line
-  assert "artifex_dpo/" not in traceback_frames(err)  # our one line; Orbax's threads may still log theirs
+  # The path: the checkpoint being saved, the metrics file, or the workdir (an error that names no file).
+  assert "No space left on device" in line and str(story["workdir"]) in line, line
+  assert "Traceback" not in err
   code, err = story["F"]
   assert code == 0, err[-3000:]
   assert f"resumed from {Path(story['workdir']) / 'checkpoints'}/{story['f_resume_from']}" in err
