@@ -43,8 +43,10 @@ def _short(path: str) -> str:
 
 
 def quiet_closed_event_loops() -> None:
-  """Drops the "Event loop is closed" tracebacks that tensorstore callbacks print after a failed Orbax
-  read or write (the failure itself is reported once, by main); other errors print as before."""
+  """Drops the late reports of a failed Orbax read or write: "Event loop is closed" from tensorstore's
+  callbacks and exceptions of Orbax coroutines that were never awaited once the first read failed. The
+  failure itself is reported once (a damaged checkpoint's warning line, main's error line); other
+  errors print as before."""
   import sys
 
   default, default_unraisable = sys.excepthook, sys.unraisablehook
@@ -56,8 +58,16 @@ def quiet_closed_event_loops() -> None:
     if not closed(value):
       default(kind, value, tb)
 
+  def from_orbax(info) -> bool:
+    tb = info.exc_traceback
+    while tb is not None:
+      if "orbax/checkpoint" in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    return False
+
   def unraisable(info):  # tensorstore reports a failed callback with PyErr_WriteUnraisable
-    if not closed(info.exc_value):
+    if not (closed(info.exc_value) or from_orbax(info)):
       default_unraisable(info)
 
   sys.excepthook, sys.unraisablehook = hook, unraisable

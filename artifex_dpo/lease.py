@@ -120,7 +120,7 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(pid: int, start: str | None) -> bool:
-  if pid <= 0:
+  if pid <= 0 or pid == os.getpid():  # our own pid: a previous incarnation (a container restarted in place)
     return False
   try:
     os.kill(pid, 0)
