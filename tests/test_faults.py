@@ -177,10 +177,13 @@ def _play(s: Story, w: Path, mount: Path) -> None:
   s["e_rows"] = {r["step"]: r for r in rows(w) if "loss" in r}
   filler = mount / "filler"
   if s["mounted"]:
-    # The disk fills up in the middle of the run: the next save fails.
-    free = shutil.disk_usage(mount).free
-    with open(filler, "wb") as f:
-      f.write(b"\0" * max(0, free - 64 * 1024))
+    # The disk fills up in the middle of the run (E writes meanwhile): the next save fails.
+    with open(filler, "wb", buffering=0) as f:
+      try:
+        while True:
+          f.write(b"\0" * (64 * 1024))
+      except OSError:
+        pass
     s["E"] = wait([e], timeout=120)[0]
     s["checkpoints_after_full"] = steps_of(w)
     filler.unlink()
