@@ -123,7 +123,7 @@ def test_bucket_run_preempted_and_resumed_matches_local_disk(gcs_emulator, input
   assert not os.path.exists("gs:")
   # The export in the bucket records its step and loads in transformers with the local export's logits.
   export = storage.join(workdir, "export")
-  assert json.loads(storage.read_text(storage.join(export, "artifex_export.json")))["step"] == STEPS
+  assert json.loads(storage.read_text(storage.join(export, "artifex_dpo_export.json")))["step"] == STEPS
   _download(export, tmp_path / "export")
   import torch
   import transformers

@@ -147,7 +147,7 @@ def _tokenizer_identity(tokenizer) -> list[Any]:
 
 
 def cache_key(paths: Sequence[str], tokenizer, settings: TruncationSettings, format: str | None,
-              skip_invalid: bool) -> str:
+              skip_invalid: bool, id_limit: int | None = None) -> str:
   """The cache's name: a digest of everything the tokenized pairs depend on."""
   ident = {
       "files": [list(storage.identity(p)) for p in paths],
@@ -155,6 +155,7 @@ def cache_key(paths: Sequence[str], tokenizer, settings: TruncationSettings, for
       "truncation": [settings.max_length, settings.max_prompt_length, settings.truncation_mode],
       "format": format,
       "skip_invalid": bool(skip_invalid),
+      "id_limit": id_limit,
       "version": 1,
   }
   return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -177,7 +178,8 @@ def _agreed(key: str, process_count: int) -> str:
   return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)).decode("ascii")
 
 
-def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count) -> dict:
+def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count,
+                   id_limit=None) -> dict:
   """Parses and tokenizes this process's chunks; returns tokens, offsets and the part's meta."""
   parts: list[np.ndarray] = []
   offsets: list[list[int]] = []
@@ -218,7 +220,7 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
       try:
         if isinstance(record, DataError):
           raise record
-        pending.append((k, parse_record(record, tokenizer, path, line)))
+        pending.append((k, parse_record(record, tokenizer, path, line, id_limit)))
       except DataError as e:
         if not skip_invalid:
           error = (k, str(e))
@@ -240,8 +242,8 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
 
 def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, format: str | None = None,
                      max_length: int | None = None, max_prompt_length: int | None = None,
-                     truncation_mode: str = "keep_end", skip_invalid: bool = False, process_index: int = 0,
-                     process_count: int = 1):
+                     truncation_mode: str = "keep_end", skip_invalid: bool = False, id_limit: int | None = None,
+                     process_index: int = 0, process_count: int = 1):
   """The dataset of ``files`` from the tokenized cache, tokenizing (split over processes) if absent.
 
   Every process must call it (there are barriers when ``process_count > 1``).
@@ -256,13 +258,13 @@ def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, f
 
   settings = TruncationSettings(max_length, max_prompt_length, truncation_mode)
   paths = expand_files(files)
-  key = _agreed(cache_key(paths, tokenizer, settings, format, skip_invalid), process_count)
+  key = _agreed(cache_key(paths, tokenizer, settings, format, skip_invalid, id_limit), process_count)
   folder = storage.join(cache_dir, key)
   index_path = storage.join(folder, "index.json")
   if storage.isfile(index_path):
     log.info("tokenized data: using the cache %s", folder)
   else:
-    part = _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count)
+    part = _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count, id_limit)
     name = storage.join(folder, f"part-{process_index:05d}-of-{process_count:05d}")
     storage.makedirs(folder)
     storage.write_bytes(f"{name}.tokens", part["tokens"].tobytes())

@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -36,6 +37,7 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHITECTURES.items()}
+EXPORT_INFO_FILE = "artifex_dpo_export.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -452,6 +454,12 @@ class CheckpointReader:
     else:
       raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.path}")
     self.weight_map: dict[str, str] = dict(weight_map)
+    root = self.path.resolve()
+    for name, fname in self.weight_map.items():
+      # An index is input: its entries must name files in this folder (no ../, no absolute paths, no
+      # symlinks out of it).
+      if not isinstance(fname, str) or (root / fname).resolve().parent != root:
+        raise ValueError(f"{self.source}: tensor {name!r} points outside the model folder ({fname!r})")
     self._handles: dict[str, Any] = {}
 
   @staticmethod
@@ -707,9 +715,6 @@ def _generation_config(config: ModelConfig) -> dict[str, Any]:
   return out
 
 
-EXPORT_MARKER = "artifex_export.json"
-
-
 def _replace_dir(tmp: str, out: str) -> None:
   """Moves ``tmp`` to ``out``, replacing (and on failure restoring) an existing ``out``.
 
@@ -718,12 +723,12 @@ def _replace_dir(tmp: str, out: str) -> None:
   moved last: a reader that sees the marker sees a complete export.
   """
   if storage.is_remote(out):
-    storage.remove(storage.join(out, EXPORT_MARKER))
+    storage.remove(storage.join(out, EXPORT_INFO_FILE))
     storage.remove(out, recursive=True)
-    names = [n for n in storage.listdir(tmp) if n != EXPORT_MARKER]
+    names = [n for n in storage.listdir(tmp) if n != EXPORT_INFO_FILE]
     for name in names:
       storage.rename(storage.join(tmp, name), storage.join(out, name))
-    storage.rename(storage.join(tmp, EXPORT_MARKER), storage.join(out, EXPORT_MARKER))
+    storage.rename(storage.join(tmp, EXPORT_INFO_FILE), storage.join(out, EXPORT_INFO_FILE))
     storage.remove(tmp, recursive=True)
     return
   old = None
@@ -763,7 +768,7 @@ def export_hf(
     dtype: str = "float32",
     max_shard_bytes: int = 2 * 1024**3,
     tokenizer_dir: str | os.PathLike | None = None,
-    step: int | None = None,
+    info: dict[str, Any] | None = None,
 ) -> str:
   """Writes ``model`` as an HF folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -771,7 +776,7 @@ def export_hf(
   it has one, else built from the token ids), safetensors weights (one
   ``model.safetensors`` if it fits in ``max_shard_bytes``, else numbered shards
   plus ``model.safetensors.index.json``), the tokenizer files found in
-  ``tokenizer_dir`` and ``artifex_export.json`` (``{"step": ...}``: the training step the weights
+  ``tokenizer_dir`` and ``artifex_dpo_export.json`` (``info`` and the weight files: the step the weights
   are from; written last, it marks a complete export). Everything goes to a temporary sibling
   folder that replaces ``out_dir`` at the end (see `_replace_dir`), so a crash leaves no
   half-written export. ``out_dir`` may be local or ``gs://``.
@@ -786,7 +791,11 @@ def export_hf(
     dtype: "float32" or "bfloat16" for the stored weights.
     max_shard_bytes: largest shard size.
     tokenizer_dir: folder to copy tokenizer files from, or None.
-    step: the training step recorded in the marker (None: not recorded).
+    info: written into ``EXPORT_INFO_FILE`` (e.g. the training step the weights are from), with the
+      list of weight files; that file is written last: an export holding it is complete.
+
+  Every file gets mode 0644 locally (safetensors writes 0600), so a server running as another user can
+  read the folder. :func:`clean_stale_exports` removes what a killed local export leaves behind.
 
   Returns:
     ``out_dir`` (a local path or URI).
@@ -804,6 +813,7 @@ def export_hf(
   me, procs = jax.process_index(), jax.process_count()
   # The same temporary name on every process (they write into one folder); a leftover of a
   # crashed export of the same step is cleared first.
+  step = (info or {}).get("step")
   tag = f"step{step}" if step is not None else "nostep"
   tmp = storage.join(storage.dirname(out), f".{storage.basename(out)}.tmp-{tag}")
   if me == 0:
@@ -838,7 +848,11 @@ def export_hf(
         _write_json(storage.join(tmp, INDEX_FILE), index)
       _write_json(storage.join(tmp, "config.json"), hf_config)
       _write_aux_files(tmp, model.config, tokenizer_dir)
-      _write_json(storage.join(tmp, EXPORT_MARKER), {"step": step, "files": sorted(names)})
+      _write_json(storage.join(tmp, EXPORT_INFO_FILE), dict(info or {}, files=sorted(names)))
+      if not storage.is_remote(tmp):
+        for name in os.listdir(tmp):
+          os.chmod(os.path.join(tmp, name), 0o644)
+        os.chmod(tmp, 0o755)
       _replace_dir(tmp, out)
   except BaseException:
     if me == 0:
@@ -846,6 +860,31 @@ def export_hf(
     raise
   _sync("artifex_export_done")
   return out
+
+
+def clean_stale_exports(out_dir: str | os.PathLike) -> list[str]:
+  """Removes the temporary folders a killed :func:`export_hf` left beside ``out_dir``.
+
+  A ``.<name>.old-*`` folder is the previous export, moved aside just before the new one took its
+  place: restored when ``out_dir`` is missing (killed between the two renames), else removed.
+  Call it only while no export is running (the workdir lease guarantees that for a run).
+
+  Returns:
+    The names removed.
+  """
+  if storage.is_remote(out_dir):
+    return []  # a bucket export is replaced object by object, marker last (see _replace_dir)
+  out = Path(out_dir)
+  if not out.parent.is_dir():
+    return []
+  removed = []
+  for path in sorted(out.parent.glob(f".{out.name}.old-*")) + sorted(out.parent.glob(f".{out.name}.tmp-*")):
+    if ".old-" in path.name and not out.exists():
+      os.replace(path, out)
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path.name)
+  return removed
 
 
 def _write_json(path: str, obj: Any) -> None:
