@@ -431,6 +431,14 @@ class _RangedSafetensors:
       return np.array(block[(slice(None), *index[1:])])
 
 
+def _inside(folder: str, name: str) -> bool:
+  """``name`` is a plain file name of ``folder`` (locally: also after resolving symlinks)."""
+  if storage.is_remote(folder):
+    return bool(name) and "/" not in name and name not in (".", "..")
+  root = Path(folder).resolve()
+  return (root / name).resolve().parent == root
+
+
 class CheckpointReader:
   """Slice-wise access to the tensors of an HF safetensors checkpoint (local or ``gs://``).
 
@@ -454,11 +462,10 @@ class CheckpointReader:
     else:
       raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.path}")
     self.weight_map: dict[str, str] = dict(weight_map)
-    root = self.path.resolve()
     for name, fname in self.weight_map.items():
       # An index is input: its entries must name files in this folder (no ../, no absolute paths, no
       # symlinks out of it).
-      if not isinstance(fname, str) or (root / fname).resolve().parent != root:
+      if not isinstance(fname, str) or not _inside(self.path, fname):
         raise ValueError(f"{self.source}: tensor {name!r} points outside the model folder ({fname!r})")
     self._handles: dict[str, Any] = {}
 
