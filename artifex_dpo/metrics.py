@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -75,7 +76,7 @@ class MetricsWriter:
     self.enabled = enabled
     self._path = storage.join(workdir, "metrics.jsonl")
     self._tb = None
-    if enabled and not self._remote:
+    if enabled and not storage.is_remote(workdir):  # a bucket object is never torn (one upload)
       _drop_torn_tail(self._path)
     if enabled:
       from tensorboardX import SummaryWriter
