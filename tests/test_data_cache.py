@@ -36,11 +36,14 @@ def where(request, tmp_path):
 def test_cache_matches_a_plain_pass_and_is_used_on_restart(where, monkeypatch):
   tok = load_tokenizer("byte")
   data = storage.join(where, "train.jsonl")
-  _write(data, synthetic_records(50, seed=1))
+  _write(data, synthetic_records(50, seed=1) + [{"prompt": "p", "chosen": " same", "rejected": " same"}])
   expected = PreferenceDataset.from_files(data, tok, **KW)
   ds = cache.load_or_tokenize(data, tok, storage.join(where, "cache"), **KW)
   assert not isinstance(ds.tokens, np.ndarray)  # tokens are read on demand, not held
-  assert _pairs(ds) == _pairs(expected) and ds.num_dropped_truncated == expected.num_dropped_truncated
+  assert _pairs(ds) == _pairs(expected)
+  assert expected.num_identical_pairs == 1 and expected.num_truncated_prompts > 0
+  for name in PreferenceDataset.COUNTERS:  # the same counters as a plain pass
+    assert getattr(ds, name) == getattr(expected, name), name
   # A restart tokenizes nothing.
   monkeypatch.setattr(cache, "tokenize_pairs", lambda *a: pytest.fail("tokenized again"))
   again = cache.load_or_tokenize(data, tok, storage.join(where, "cache"), **KW)

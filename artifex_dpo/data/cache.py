@@ -156,7 +156,7 @@ def cache_key(paths: Sequence[str], tokenizer, settings: TruncationSettings, for
       "format": format,
       "skip_invalid": bool(skip_invalid),
       "id_limit": id_limit,
-      "version": 1,
+      "version": 2,
   }
   return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -185,7 +185,7 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
   offsets: list[list[int]] = []
   chunk_pairs: dict[int, int] = {}
   skipped: list[tuple[int, str]] = []
-  counts = {"invalid": 0, "dropped": 0}
+  counts = {"invalid": 0, "dropped": 0, "identical": 0, "prompts": 0, "responses": 0}
   pending: list[tuple[int, PairTexts | Any]] = []
   pos = 0
   error = None
@@ -196,10 +196,17 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
     tokenized = iter(tokenize_pairs(texts, tokenizer))
     for k, parsed in pending:
       pair = next(tokenized) if isinstance(parsed, PairTexts) else parsed
-      pair, _ = truncate_pair(pair, settings, tokenizer.bos_id)
-      if pair is None:
+      cut, _ = truncate_pair(pair, settings, tokenizer.bos_id)
+      if cut is None:
         counts["dropped"] += 1
         continue
+      if np.array_equal(cut.chosen_ids, cut.rejected_ids):  # as PreferenceDataset.from_files
+        counts["identical"] += 1
+        continue
+      counts["prompts"] += len(cut.prompt_ids) < len(pair.prompt_ids)
+      counts["responses"] += (len(cut.chosen_ids) < len(pair.chosen_ids)) + (
+          len(cut.rejected_ids) < len(pair.rejected_ids))
+      pair = cut
       row = [pos]
       for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
         a = np.asarray(ids, np.int32)
@@ -236,6 +243,7 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
   tokens = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
   meta = {"chunks": sorted(chunk_pairs), "pairs_per_chunk": [chunk_pairs[c] for c in sorted(chunk_pairs)],
           "num_tokens": int(len(tokens)), "invalid": counts["invalid"], "dropped": counts["dropped"],
+          "identical": counts["identical"], "prompts": counts["prompts"], "responses": counts["responses"],
           "skipped": skipped, "error": error, "process_count": process_count}
   return {"tokens": tokens, "offsets": np.asarray(offsets, np.int64).reshape(-1, 4), "meta": meta}
 
@@ -273,7 +281,8 @@ def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, f
     storage.write_bytes(f"{name}.offsets.npy", buf.getvalue())
     storage.write_text(f"{name}.json", json.dumps(part["meta"]))  # last: the part is complete
     log.info("tokenized data: process %d of %d tokenized %d records into %s", process_index, process_count,
-             sum(part["meta"]["pairs_per_chunk"]) + part["meta"]["invalid"] + part["meta"]["dropped"], name)
+             sum(part["meta"]["pairs_per_chunk"]) + part["meta"]["invalid"] + part["meta"]["dropped"]
+             + part["meta"]["identical"], name)
     del part
     barrier("artifex_data_cache_parts", process_count)
     metas = [json.loads(storage.read_text(storage.join(folder, f"part-{p:05d}-of-{process_count:05d}.json")))
@@ -312,11 +321,16 @@ def _load(folder: str, key: str, paths: list[str], pad_id: int, dataset_cls):
       np.zeros((0, 4), np.int64)
   invalid = sum(m["invalid"] for m in metas)
   dropped = sum(m["dropped"] for m in metas)
+  identical = sum(m.get("identical", 0) for m in metas)
   if not len(table):
     raise DataError(",".join(paths), None, f"no usable preference pairs ({invalid} invalid, {dropped} dropped by "
-                                           "truncation)")
+                                           f"truncation, {identical} with identical chosen and rejected)")
   skipped = [msg for _, msg in sorted(tuple(s) for m in metas for s in m["skipped"])][:_MAX_REPORTED]
   for msg in skipped:
     log.warning("skipping invalid record: %s", msg)
-  return dataset_cls(store, table, pad_id, num_skipped_invalid=invalid, num_dropped_truncated=dropped,
-                     skipped_messages=skipped)
+  dataset = dataset_cls(store, table, pad_id, num_skipped_invalid=invalid, num_dropped_truncated=dropped,
+                        skipped_messages=skipped)
+  dataset.num_identical_pairs = identical
+  dataset.num_truncated_prompts = sum(m.get("prompts", 0) for m in metas)
+  dataset.num_truncated_responses = sum(m.get("responses", 0) for m in metas)
+  return dataset
