@@ -61,7 +61,7 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
     mesh = sharding.make_mesh(c.mesh, devices=devices)
   except sharding.MeshError as e:
     raise config_lib.ConfigError("mesh", str(e)) from None
-  mcfg = build_model_config(c)
+  mcfg = build_model_config(c, platform="tpu")  # model.attention_impl=auto: the splash kernel
   dpo_cfg = config_lib.dpo_config(c)
   tx, _ = build_optimizer(c)
   keep_ref = dpo_cfg.needs_reference and not c.dpo.precompute_ref_logps
@@ -80,6 +80,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   mem = compiled.memory_analysis()
   per_device = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes)
+  # Pallas kernels (splash attention) compiled into the step: Mosaic custom calls in the TPU program.
+  kernel_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_device = float(cost.get("flops", 0.0))
@@ -89,6 +91,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   roofline = max(model_flops / (peak * len(devices)), flops_per_device / peak, bytes_per_device / bandwidth)
   return {
       "topology": topology,
+      "attention": mcfg.attention_impl,
+      "kernel_calls": kernel_calls,
       "num_slices": num_slices,
       "devices": len(devices),
       "mesh": dict(mesh.shape),

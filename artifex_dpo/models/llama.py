@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from artifex_dpo.models.attention import attention_bias, dot_product_attention
+from artifex_dpo.models.attention import SplashMask, attention_bias, dot_product_attention
 from artifex_dpo.models.config import ModelConfig
 
 LOGICAL_AXES = ("layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
@@ -195,11 +195,37 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
   return jnp.concatenate(outs, axis=1)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | SplashMask, config: ModelConfig) -> jax.Array:
+  """Causal attention of one layer: the splash kernel for a :class:`SplashMask`, else the XLA path."""
+  if isinstance(bias, SplashMask):
+    from artifex_dpo.models.splash import splash_attention  # Pallas: imported only when used
+
+    return splash_attention(q, k, v, bias.segment_ids, prefix_ids=bias.prefix_ids,
+                            sliding_window=config.sliding_window, mesh=config.attention_mesh,
+                            interpret=config.attention_impl == "splash_interpret")
+  return causal_attention(q, k, v, bias, config.attention_block)
+
+
+def attention_inputs(config: ModelConfig, segment_ids: jax.Array, positions: jax.Array,
+                     prefix_ids: jax.Array | None) -> jax.Array | SplashMask:
+  """What every layer's attention needs, built once per forward.
+
+  The splash path takes the ids themselves; the XLA path an additive ``[B, 1, T, T]`` bias. Shared
+  prompts (``prefix_ids``) with a sliding window stay on the XLA path: their window counts
+  positions, which the kernel's static mask (row indices) cannot follow across the branches.
+  """
+  if config.attention_impl != "xla" and not (prefix_ids is not None and config.sliding_window is not None):
+    return SplashMask(segment_ids, prefix_ids)
+  mask = make_attention_mask(segment_ids, config.sliding_window, prefix_ids=prefix_ids,
+                             positions=None if prefix_ids is None else positions)
+  return attention_bias(mask)
+
+
 def decoder_layer(
     x: jax.Array,
     params: dict[str, jax.Array],
     *,
-    bias: jax.Array,
+    bias: jax.Array | SplashMask,
     rope: tuple[jax.Array, jax.Array],
     config: ModelConfig,
 ) -> jax.Array:
@@ -209,7 +235,8 @@ def decoder_layer(
     x: residual stream ``[B, T, D]`` in compute dtype.
     params: one layer's weights (the per-layer slice of :class:`DecoderLayers`).
     bias: float32 ``[B, 1, T, T]`` attention bias (:func:`attention_bias` of
-      :func:`make_attention_mask`), shared by all layers.
+      :func:`make_attention_mask`), or a :class:`SplashMask` (see :func:`attention_inputs`),
+      shared by all layers.
     rope: ``(cos, sin)`` from :func:`rope_tables`, shared by all layers.
     config: the model config.
 
@@ -225,7 +252,7 @@ def decoder_layer(
   if "q_bias" in w:
     q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
   q, k = rotate(q, *rope), rotate(k, *rope)
-  attn = causal_attention(q, k, v, bias, config.attention_block)
+  attn = attend(q, k, v, bias, config)
   x = x + jnp.einsum("btnh,nhd->btd", attn, w["o_proj"])
   h = rms_norm(x, w["post_attention_norm"], config.rms_norm_eps, dt)
   gate = jnp.einsum("btd,df->btf", h, w["gate_proj"])
@@ -341,7 +368,7 @@ class DecoderLayers(nnx.Module):
       self,
       x: jax.Array,
       *,
-      bias: jax.Array,
+      bias: jax.Array | SplashMask,
       rope: tuple[jax.Array, jax.Array],
   ) -> jax.Array:
     """Runs every layer with ``jax.lax.scan`` (remat per the config)."""
@@ -419,9 +446,7 @@ class LlamaModel(nnx.Module):
     # Built once and shared by every layer: the mask as an additive bias, RoPE's cos/sin tables.
     if prefix_ids is not None and positions is None:
       raise ValueError("prefix_ids (shared prompts) need explicit positions")
-    mask = make_attention_mask(segment_ids, config.sliding_window, prefix_ids=prefix_ids,
-                               positions=None if prefix_ids is None else positions)
-    bias = attention_bias(mask)
+    bias = attention_inputs(config, segment_ids, positions, prefix_ids)
     rope = rope_tables(positions, rope_frequencies(config), dt)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     x = self.layers(x, bias=bias, rope=rope)
