@@ -19,8 +19,8 @@ from flax import nnx
 
 from artifex_dpo import config as config_lib
 from artifex_dpo.models import LlamaModel, get_preset, make_attention_mask
-from artifex_dpo.models.attention import attention_bias, resolve_attention_impl
-from artifex_dpo.models.llama import causal_attention
+from artifex_dpo.models.attention import SplashMask, attention_bias, resolve_attention_impl
+from artifex_dpo.models.llama import attention_inputs, causal_attention
 from artifex_dpo.models.splash import splash_attention
 from artifex_dpo.train import build_model_config
 
@@ -110,14 +110,16 @@ def _model_outputs(impl, layout):
   def loss(m):
     return jnp.sum(m(tokens, **kw) * weights)
 
+  kernels = str(jax.make_jaxpr(lambda: loss(model))()).count("pallas_call")
   value, grads = nnx.value_and_grad(loss)(model)
-  return value, nnx.state(grads, nnx.Param)
+  return value, nnx.state(grads, nnx.Param), kernels
 
 
 def test_model_with_splash_matches_xla_path():
   """LlamaModel end to end (RoPE, GQA heads, the SplashMask dispatch): loss and every weight gradient."""
-  v_xla, g_xla = _model_outputs("xla", _shared)
-  v_spl, g_spl = _model_outputs("splash_interpret", _shared)
+  v_xla, g_xla, kernels_xla = _model_outputs("xla", _shared)
+  v_spl, g_spl, kernels_spl = _model_outputs("splash_interpret", _shared)
+  assert kernels_xla == 0 and kernels_spl > 0  # the splash model really ran the kernel
   np.testing.assert_allclose(float(v_spl), float(v_xla), rtol=1e-5)
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g_spl), jax.tree_util.tree_leaves_with_path(g_xla)):
     scale = float(np.max(np.abs(np.asarray(b))))
@@ -132,6 +134,12 @@ def test_attention_impl_is_decided_by_the_backend():
   c = config_lib.default_config()
   assert build_model_config(c, platform="tpu").attention_impl == "splash"
   assert build_model_config(c).attention_impl == "xla"  # this CPU
+  # Shared prompts under a sliding window stay on the XLA path (the window counts positions).
+  ids = jnp.ones((1, 8), jnp.int32)
+  mistral = get_preset("llama-tiny", attention_impl="splash", sliding_window=4)
+  assert isinstance(attention_inputs(mistral, ids, ids, None), SplashMask)
+  assert isinstance(attention_inputs(mistral.replace(sliding_window=None), ids, ids, ids), SplashMask)
+  assert attention_inputs(mistral, ids, ids, ids).shape == (1, 1, 8, 8)
   c.model.attention_impl = "splash"
   with pytest.raises(config_lib.ConfigError, match="model.attention_impl: splash is a TPU kernel"):
     build_model_config(c)
