@@ -119,8 +119,8 @@ def splash_attention(
     prefix_ids: int ``[B, T]`` or None; per token, an earlier segment it also attends to (shared
       prompts, see :func:`artifex_dpo.models.llama.make_attention_mask`).
     sliding_window: HF Mistral window (in row positions) or None.
-    mesh: a ``(data, fsdp, tensor)`` Mesh / AbstractMesh to ``shard_map`` over, or None (one
-      device, or inputs XLA may gather).
+    mesh: the ``(data, fsdp, tensor)`` Mesh to ``shard_map`` over, or None (one device; on more,
+      XLA gathers the inputs of the kernel, which it cannot partition).
     interpret: run the kernel in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -144,10 +144,8 @@ def splash_attention(
   row = batch_axes or None
   qkv = P(row, None, head_axis, None)
   ids = P(row, None)
-  fn = lambda q, k, v, s, p: local(q, k, v, s, p)
   if prefix_ids is None:
-    fn = lambda q, k, v, s: local(q, k, v, s, None)
-    args, specs = (q, k, v, segment_ids), (qkv, qkv, qkv, ids)
+    fn, args, specs = lambda q, k, v, s: local(q, k, v, s, None), (q, k, v, segment_ids), (qkv, qkv, qkv, ids)
   else:
-    args, specs = (q, k, v, segment_ids, prefix_ids), (qkv, qkv, qkv, ids, ids)
+    fn, args, specs = local, (q, k, v, segment_ids, prefix_ids), (qkv, qkv, qkv, ids, ids)
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
