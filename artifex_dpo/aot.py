@@ -7,8 +7,10 @@ topology's devices, the abstract sharded state (policy, optimizer, reference) an
 exactly as the training run does, compiles it with XLA's TPU compiler, and prints one JSON line:
 ``topology``, ``devices``, ``per_device_bytes`` (arguments + temporaries + outputs - aliased),
 ``hbm_bytes`` of that chip, ``fits``, ``flops_per_device`` (XLA's cost analysis),
-``model_flops_per_step`` (ours, analytic) and ``roofline_step_s`` (a lower bound on the step time
-from the chip's peak FLOP/s and HBM bandwidth). Exit code 2 on a bad config.
+``model_flops_per_step`` (ours, analytic), ``roofline_step_s`` (a lower bound on the step time
+from the chip's peak FLOP/s and HBM bandwidth), ``attention`` (``model.attention_impl`` resolved for
+a TPU: ``auto`` compiles the Pallas splash kernel) and ``kernel_calls`` (Mosaic kernels in the
+compiled step). Exit code 2 on a bad config.
 """
 
 from __future__ import annotations
