@@ -87,7 +87,8 @@ DOCS: dict[str, str] = {
     "optim.eps": "Adam epsilon",
     "train.steps": "optimizer updates to run",
     "train.global_batch_size": "preference pairs per update, over all processes",
-    "train.grad_accum_steps": "microbatches per update (global_batch_size must divide)",
+    "train.grad_accum_steps": "microbatches per update (global_batch_size must divide); the update equals one "
+                              "over the whole batch (refused for the aot losses)",
     "train.log_every": "write metrics every N steps",
     "train.eval_every": "evaluate every N steps (0: only at the end)",
     "train.eval_batch_size": "pairs per eval batch",
@@ -218,6 +219,14 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   if c.train.global_batch_size % c.train.grad_accum_steps:
     raise ConfigError("train.global_batch_size", f"{c.train.global_batch_size} is not divisible by "
                                                  f"train.grad_accum_steps={c.train.grad_accum_steps}")
+  if c.train.grad_accum_steps > 1:
+    from artifex_dpo.losses import BATCH_COUPLED_LOSSES  # light import: no devices
+
+    coupled = [t.strip() for t in (c.dpo.loss_type or "").split(",") if t.strip() in BATCH_COUPLED_LOSSES]
+    if coupled:
+      raise ConfigError("train.grad_accum_steps", f"must be 1 with dpo.loss_type={c.dpo.loss_type}: "
+                                                  f"{','.join(coupled)} sorts over the whole batch, which "
+                                                  "microbatches cannot add up to")
   _choice(c, "optim.name", ("adamw", "adam", "sgd"))
   _choice(c, "optim.schedule", ("cosine", "linear", "constant"))
   if not 0.0 <= c.optim.end_lr_fraction <= 1.0:

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from artifex_dpo import checkpoint as ckpt_lib
 from artifex_dpo import config as config_lib
+from artifex_dpo import losses
 from artifex_dpo import metrics as metrics_lib
 from artifex_dpo import reference
 from artifex_dpo import sharding
@@ -195,7 +196,9 @@ class Setup:
         max_length=c.data.max_length, start_step=start_step, num_steps=num_steps, packing=c.data.packing,
         row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None,
         pack_batches=c.data.pack_batches, share_prompt=c.data.share_prompt,
-        row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()))
+        # Per-batch packed rows: a multiple of grad_accum_steps x the batch shards, so that each
+        # microbatch's rows divide over the devices.
+        row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()) * c.train.grad_accum_steps)
 
   def step_flops(self, local: dict[str, Any], c) -> tuple[float, float, float]:
     """``(tokens, pairs, model FLOPs)`` of a loaded batch (policy fwd+bwd, reference fwd if in memory).
@@ -305,18 +308,19 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   def evaluate(step: int) -> None:
     if eval_ds is None:
       return
+    # Every eval batch is normalised by the counts of the whole eval set (pairs, scored tokens of
+    # each side), so each batch's metrics are its share of the set's and the shares add up; the
+    # filler pairs of a last, partial batch count nowhere (pair_mask).
+    normalizers = eval_normalizers(eval_ds)
     sums: dict[str, float] = {}
-    total_pairs = 0
-    for i, local in enumerate(eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(),
-                                           jax.process_count(), c.data.pad_multiple, c.data.max_length)):
+    for local in eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
+                              c.data.pad_multiple, c.data.max_length):
       batch = state_lib.global_batch(local, mesh, with_pair_mask=True, reference_table=eval_ref)
-      m = jax.device_get(compiled("eval", batch)(state, ref_state, batch))
-      real = min(c.train.eval_batch_size, len(eval_ds) - i * c.train.eval_batch_size)
-      total_pairs += real
+      m = jax.device_get(compiled("eval", batch)(state, ref_state, batch, normalizers))
       for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(v) * (real if k != "tokens" else 1)
+        sums[k] = sums.get(k, 0.0) + float(v)
     row = {"step": step, "time": time.time()}
-    row.update({f"eval/{k}": v / (total_pairs if k != "tokens" else 1) for k, v in sums.items()})
+    row.update({f"eval/{k}": v for k, v in sums.items()})
     writer.write(row)
     if is_main:
       logging.info("eval at step %d: loss %.4f accuracy %.3f margin %.4f", step, row["eval/loss"],
@@ -418,6 +422,15 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     checkpointer.close()
     writer.close()
   return exit_code
+
+
+def eval_normalizers(dataset: PreferenceDataset) -> losses.Normalizers:
+  """The denominators of the eval metrics: the set's pairs and scored chosen / rejected tokens.
+
+  Every process holds the whole eval set, so each computes the same numbers without a collective.
+  """
+  scored = dataset.scored_lengths.sum(axis=0)
+  return losses.Normalizers(*(np.float32(x) for x in (len(dataset), scored[0], scored[1])))
 
 
 def _tokenizer_dir(c) -> str | None:

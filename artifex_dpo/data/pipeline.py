@@ -217,6 +217,16 @@ class PreferenceDataset:
     return TokenizedPair(t[o[0] : o[1]], t[o[1] : o[2]], t[o[2] : o[3]])
 
   @property
+  def scored_lengths(self) -> np.ndarray:
+    """int64 [N, 2]: the scored (response) tokens of chosen, rejected, as `make_batch` masks them.
+
+    A response's first token is scored unless the prompt is empty (position 0 has no context).
+    """
+    o = self.offsets
+    empty_prompt = (o[:, 1] == o[:, 0]).astype(np.int64)
+    return np.stack([o[:, 2] - o[:, 1], o[:, 3] - o[:, 2]], axis=1) - empty_prompt[:, None]
+
+  @property
   def max_sequence_length(self) -> int:
     """The longest prompt + response of either side."""
     return int(self.lengths.max()) if len(self) else 0
