@@ -77,7 +77,7 @@ class ModelConfig:
   # Attention implementation: "xla" (models/attention.py, any backend), "splash" (the Pallas TPU
   # kernel, models/splash.py) or "splash_interpret" (that kernel in the Pallas interpreter: CPU tests).
   attention_impl: str = "xla"
-  # Mesh (or AbstractMesh) the splash kernel is shard_mapped over; None: unsharded. Runtime only
+  # Mesh the splash kernel is shard_mapped over; None: unsharded. Runtime only
   # (set by state.build_state_spec), never exported.
   attention_mesh: Any = None
 

@@ -11,6 +11,8 @@ and the forward runs ``jax.lax.scan`` over them.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Callable
 
 import jax
@@ -195,6 +197,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
   return jnp.concatenate(outs, axis=1)
 
 
+@functools.cache
+def _log_once(message: str) -> None:
+  logging.warning("%s", message)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | SplashMask, config: ModelConfig) -> jax.Array:
   """Causal attention of one layer: the splash kernel for a :class:`SplashMask`, else the XLA path."""
   if isinstance(bias, SplashMask):
@@ -214,8 +221,10 @@ def attention_inputs(config: ModelConfig, segment_ids: jax.Array, positions: jax
   prompts (``prefix_ids``) with a sliding window stay on the XLA path: their window counts
   positions, which the kernel's static mask (row indices) cannot follow across the branches.
   """
-  if config.attention_impl != "xla" and not (prefix_ids is not None and config.sliding_window is not None):
-    return SplashMask(segment_ids, prefix_ids)
+  if config.attention_impl != "xla":
+    if prefix_ids is None or config.sliding_window is None:
+      return SplashMask(segment_ids, prefix_ids)
+    _log_once("attention: shared prompts under a sliding window run the XLA attention, not the splash kernel")
   mask = make_attention_mask(segment_ids, config.sliding_window, prefix_ids=prefix_ids,
                              positions=None if prefix_ids is None else positions)
   return attention_bias(mask)
