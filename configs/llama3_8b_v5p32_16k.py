@@ -1,9 +1,9 @@
 """Llama-3.1-8B DPO at 16,384 tokens per sequence on a v5p-32 slice (16 chips of 95 GiB, 2x2x4), FSDP over all chips.
 
 Long-context DPO (multi-turn chats, long documents): llama3_8b_v5p32.py with 4x longer sequences.
-It fits because the Pallas splash-attention kernel (``model.attention_impl=auto``: splash on TPU)
-keeps no ``[T, T]`` scores in HBM in either pass (the README's AOT table has the numbers with and
-without it).
+It is sized for the Pallas splash-attention kernel (``model.attention_impl=auto``: splash on TPU),
+which keeps no ``[T, T]`` scores in HBM in either pass, where the XLA attention's per-query-block scores
+grow with T (the README's AOT table).
 
 Check that the step fits before paying for the slice (compiles on CPU with libtpu):
 
@@ -35,7 +35,7 @@ def get_config():
                                             # would round most updates away; memory allows it here
   c.model.ref_dtype = "bfloat16"            # the frozen reference only runs forward: bf16 halves it
   c.model.remat = "full"                    # recompute each layer in the backward pass: 16k-token sequences
-  c.model.attention_impl = "auto"           # the splash kernel on TPU: without it 16k tokens do not fit
+  c.model.attention_impl = "auto"           # the splash kernel on TPU (the memory below assumes it)
   c.data.max_length = 16384                 # prompt + response, per side (4x the 4k preset)
   c.data.max_prompt_length = 12288         # long multi-turn prompts; responses keep >= 4096 tokens
   c.data.truncation_mode = "keep_end"       # keep the end of long (multi-turn) prompts
