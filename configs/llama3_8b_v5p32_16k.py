@@ -12,8 +12,8 @@ Check that the step fits before paying for the slice (compiles on CPU with libtp
 Run (every host runs the same command; launch/gke.py renders it for GKE):
 
     python -m artifex_dpo.main --config=configs/llama3_8b_v5p32_16k.py --workdir=gs://BUCKET/runs/llama3-8b-dpo-16k \\
-        --config.model.hf_checkpoint=/gcs/BUCKET/models/Llama-3.1-8B-Instruct \\
-        --config.data.tokenizer=/gcs/BUCKET/models/Llama-3.1-8B-Instruct \\
+        --config.model.hf_checkpoint=gs://BUCKET/models/Llama-3.1-8B-Instruct \\
+        --config.data.tokenizer=gs://BUCKET/models/Llama-3.1-8B-Instruct \\
         --config.data.train_files='gs://BUCKET/data/prefs-long/train-*.parquet'
 
 Memory per chip: fp32 master weights + Adam moments + gradients 8 GB, bf16 reference 1 GB, and the
