@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from artifex_dpo import losses
+from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
 from artifex_dpo.data import PreferenceDataset, eval_batches
 from artifex_dpo.trainer import concat_sides, token_log_probs
@@ -54,6 +55,7 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
   """
   mesh = spec.mesh
   table = np.zeros((len(dataset), 2), np.float32)
+  chunk_size *= sharding.batch_parallelism(mesh)  # tokens per device (see state.per_device_chunks)
 
   def sums(ref_state, batch):
     ref = nnx.merge(spec.ref_graphdef, ref_state)
