@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from artifex_dpo import losses
+from artifex_dpo import memory
 from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
 from artifex_dpo.data import PreferenceDataset, eval_batches
@@ -72,8 +73,9 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
     key = batch.chosen.length
     if key not in compiled:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      compiled[key] = jax.jit(sums, in_shardings=(spec.ref_shardings, state_lib.batch_shardings(batch)),
-                              out_shardings=replicated)
+      compiled[key] = memory.compile_now(
+          jax.jit(sums, in_shardings=(spec.ref_shardings, state_lib.batch_shardings(batch)),
+                  out_shardings=replicated), ref_state, batch)
     with mesh:
       out = np.asarray(jax.device_get(compiled[key](ref_state, batch)))
     start = i * batch_size

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from artifex_dpo import checkpoint as ckpt_lib
 from artifex_dpo import config as config_lib
+from artifex_dpo import memory
 from artifex_dpo import metrics as metrics_lib
 from artifex_dpo import reference
 from artifex_dpo import sharding
@@ -282,9 +283,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     key = (kind, jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
     if key not in jit_cache:
       if kind == "train":
-        jit_cache[key] = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
+        fn = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
       else:
-        jit_cache[key] = state_lib.jit_eval_step(spec, dpo_cfg, batch)
+        fn = state_lib.jit_eval_step(spec, dpo_cfg, batch)
+      # Compiled here, not on first call, so that the compiler's freed heap is returned before the
+      # step allocates its temporaries (else it adds to the peak resident set).
+      jit_cache[key] = memory.compile_now(fn, state, ref_state, batch)
     return jit_cache[key]
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
