@@ -60,7 +60,13 @@ class StateSpec:
 
 def build_state_spec(model_config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                      init_seed: int = 0, ref_dtype: str | None = None) -> StateSpec:
-  """Describes the state; ``ref_dtype`` None means no reference model is kept in memory."""
+  """Describes the state; ``ref_dtype`` None means no reference model is kept in memory.
+
+  With the splash attention the model config also carries the mesh, which the kernel
+  is ``shard_map``-ed over.
+  """
+  if model_config.attention_impl != "xla":
+    model_config = dataclasses.replace(model_config, attention_mesh=mesh)
   spec = StateSpec(mesh=mesh, model_config=model_config, tx=tx, init_seed=init_seed, graphdef=None,
                    abstract_state=None, shardings=None)
   spec.graphdef, spec.abstract_state = nnx.split(nnx.eval_shape(spec.create))
