@@ -72,7 +72,8 @@ DOCS: dict[str, str] = {
     "dpo.simpo_gamma": "SimPO target margin gamma",
     "dpo.rpo_alpha": "weight of the chosen NLL term (RPO); unset: off",
     "dpo.discopop_tau": "DiscoPOP temperature",
-    "dpo.logits_chunk_size": "positions per chunk of the chunked output projection + log-softmax",
+    "dpo.logits_chunk_size": "tokens (rows x positions) per device in one chunk of the chunked output projection + "
+                             "log-softmax: each device holds about this many tokens' float32 logits at a time",
     "dpo.precompute_ref_logps": "score the data with the reference once before training (cached in "
                                 "workdir/ref_logps); then no reference model in memory and no reference forward",
     "optim.name": "optimizer: adamw | adam | sgd",

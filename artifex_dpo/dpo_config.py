@@ -28,8 +28,11 @@ class DPOConfig:
     logp_reduction: ``"sum"`` (the DPO paper) or ``"mean"`` (length-normalised) sequence
       log-probs. IPO, SimPO and sigmoid_norm always use means.
     discopop_tau: DiscoPOP temperature.
-    logits_chunk_size: sequence positions per chunk of the chunked output projection and
-      log-softmax (for models that expose ``hidden_states``/``unembedding``).
+    logits_chunk_size: tokens (rows x positions) per chunk of the chunked output projection and
+      log-softmax (for models that expose ``hidden_states``/``unembedding``): a chunk holds
+      ``max(1, logits_chunk_size // rows)`` positions of every row, so the float32 logits held at
+      once are about ``logits_chunk_size x vocabulary`` whatever the batch size. The training
+      service counts it per device (rows split over the mesh's batch axes).
     precompute_ref_logps: batches carry precomputed ``reference_log_probs`` on both sides, so no
       reference model is needed (a batch without them is then an error, never reference-free).
   """

@@ -75,6 +75,14 @@ def token_log_probs_from_logits(logits: jax.Array, tokens: jax.Array) -> tuple[j
   return _align_to_tokens(picked - lse), _align_to_tokens(jnp.mean(logits, axis=-1))
 
 
+def chunk_positions(rows: int, seq_len: int, chunk_size: int) -> int:
+  """Sequence positions per chunk so that one chunk holds about ``chunk_size`` tokens of ``rows`` rows.
+
+  At least one position; at most the whole row.
+  """
+  return max(1, min(seq_len, chunk_size // max(rows, 1)))
+
+
 def chunked_token_log_probs(
     hidden: jax.Array,
     unembedding: jax.Array,
@@ -82,50 +90,99 @@ def chunked_token_log_probs(
     *,
     chunk_size: int = 512,
 ) -> tuple[jax.Array, jax.Array]:
-  """Per-token log-probs without materialising the ``[B, T, V]`` float32 log-softmax.
+  """Per-token log-probs without materialising the ``[B, T, V]`` float32 logits.
 
-  The final projection and the log-softmax run over sequence chunks of ``chunk_size``
-  positions inside a ``lax.scan``; each chunk is rematerialised in the backward pass
-  (``jax.checkpoint``), so peak memory holds one ``[B, chunk, V]`` block, not the whole.
+  The final projection and the log-softmax run over sequence chunks inside a ``lax.scan``; a
+  chunk holds :func:`chunk_positions` positions of every row, i.e. about ``chunk_size`` tokens
+  (rows x positions) whatever the batch size. A caller whose rows are split over devices passes
+  ``chunk_size`` times the number of batch shards, so each device holds about ``chunk_size``
+  tokens' worth of logits. A custom VJP recomputes each chunk's logits in the backward pass and
+  turns them into their cotangent in place (``softmax - onehot``), accumulating the gradient of
+  the unembedding in the scan: peak memory holds one ``[B, chunk, V]`` float32 block (two while
+  XLA fuses), never the whole.
 
   Args:
     hidden: final hidden states ``[B, T, D]`` (any float dtype).
     unembedding: the output projection ``[D, V]``.
     tokens: ``[B, T]`` int tokens.
-    chunk_size: sequence positions per chunk.
+    chunk_size: tokens (rows x positions) per chunk.
 
   Returns:
     ``(log_probs, logit_means)`` as in :func:`token_log_probs_from_logits`.
   """
   batch, seq_len, dim = hidden.shape
-  targets = shift_targets(tokens)
-  chunk = max(1, min(chunk_size, seq_len))
+  targets = shift_targets(tokens).astype(jnp.int32)
+  chunk = chunk_positions(batch, seq_len, chunk_size)
   num_chunks = -(-seq_len // chunk)
   pad = num_chunks * chunk - seq_len
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  # [num_chunks, B, chunk, ...] so scan walks the sequence.
+  # [num_chunks, B, chunk, ...] so scan walks the sequence; the batch axis keeps its sharding.
   hidden_chunks = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
   target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-
-  def one_chunk(h, t):
-    logits = jnp.einsum("bcd,dv->bcv", h, unembedding.astype(h.dtype), preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return picked - lse, jnp.mean(logits, axis=-1)
-
-  # Several chunks: recompute each chunk's logits in the backward pass instead of keeping them
-  # all. One chunk: nothing to save by recomputing.
-  chunk_fn = jax.checkpoint(one_chunk) if num_chunks > 1 else one_chunk
-
-  def body(carry, xs):
-    return carry, chunk_fn(*xs)
-
-  _, (logps, means) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+  logps, means = _chunked_log_softmax(hidden_chunks, unembedding, target_chunks)
   logps = logps.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq_len]
   means = means.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq_len]
   return _align_to_tokens(logps), _align_to_tokens(means)
+
+
+def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+  """float32 logits ``[B, c, V]`` of one chunk (the matmul in the compute dtype of ``h``)."""
+  return jnp.einsum("bcd,dv->bcv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _picked(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """``logits[..., targets]`` as a fused select-and-sum (no gather, no ``[.., V]`` one-hot kept)."""
+  vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
+
+
+def _chunked_forward(hidden_chunks, w, target_chunks):
+  def body(_, xs):
+    h, t = xs
+    logits = _chunk_logits(h, w)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return None, (_picked(logits, t) - lse, jnp.mean(logits, axis=-1), lse)
+
+  _, (logps, means, lse) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+  return logps, means, lse
+
+
+@jax.custom_vjp
+def _chunked_log_softmax(hidden_chunks, w, target_chunks):
+  """``(log p(target), mean logit)`` per position of ``[N, B, c, D]`` chunks; both ``[N, B, c]``."""
+  logps, means, _ = _chunked_forward(hidden_chunks, w, target_chunks)
+  return logps, means
+
+
+def _chunked_log_softmax_fwd(hidden_chunks, w, target_chunks):
+  logps, means, lse = _chunked_forward(hidden_chunks, w, target_chunks)
+  return (logps, means), (hidden_chunks, w, target_chunks, lse)
+
+
+def _chunked_log_softmax_bwd(res, cotangents):
+  hidden_chunks, w, target_chunks, lse = res
+  g_logp, g_mean = cotangents
+  vocab = w.shape[-1]
+
+  def body(dw, xs):
+    h, t, lse_c, gl, gm = xs
+    logits = _chunk_logits(h, w)
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    # d/dlogits of gl * (logit[t] - lse) + gm * mean(logits): one elementwise pass over the block.
+    dlogits = (gl[..., None] * (jnp.where(vocab_ids == t[..., None], 1.0, 0.0) - jnp.exp(logits - lse_c[..., None]))
+               + gm[..., None] / vocab).astype(h.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
+    return dw, dh.astype(h.dtype)
+
+  dw0 = jnp.zeros(w.shape, jnp.float32)
+  dw, dh = jax.lax.scan(body, dw0, (hidden_chunks, target_chunks, lse, g_logp, g_mean))
+  return dh, dw.astype(w.dtype), None
+
+
+_chunked_log_softmax.defvjp(_chunked_log_softmax_fwd, _chunked_log_softmax_bwd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from absl import logging
 from flax import nnx
 
 from artifex_dpo import losses
+from artifex_dpo import memory
+from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
 from artifex_dpo import storage
 from artifex_dpo.data import PreferenceDataset, eval_batches
@@ -54,6 +56,7 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
   """
   mesh = spec.mesh
   table = np.zeros((len(dataset), 2), np.float32)
+  chunk_size *= sharding.batch_parallelism(mesh)  # tokens per device (see state.per_device_chunks)
 
   def sums(ref_state, batch):
     ref = nnx.merge(spec.ref_graphdef, ref_state)
@@ -70,8 +73,9 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
     key = batch.chosen.length
     if key not in compiled:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      compiled[key] = jax.jit(sums, in_shardings=(spec.ref_shardings, state_lib.batch_shardings(batch)),
-                              out_shardings=replicated)
+      compiled[key] = memory.compile_now(
+          jax.jit(sums, in_shardings=(spec.ref_shardings, state_lib.batch_shardings(batch)),
+                  out_shardings=replicated), ref_state, batch)
     with mesh:
       out = np.asarray(jax.device_get(compiled[key](ref_state, batch)))
     start = i * batch_size

@@ -133,9 +133,19 @@ def batch_shardings(batch: PreferenceBatch | PackedPreferenceBatch) -> Any:
   return jax.tree.map(lambda x: x.sharding, batch)
 
 
+def per_device_chunks(config: DPOConfig, mesh: Mesh) -> DPOConfig:
+  """``config`` with ``logits_chunk_size`` counted over the whole batch, not one device's rows.
+
+  The chunked log-softmax sizes its chunks by the rows it sees (the global batch); the rows are
+  split over the mesh's batch axes, so each device then holds ``logits_chunk_size`` tokens.
+  """
+  return dataclasses.replace(config, logits_chunk_size=config.logits_chunk_size * sharding.batch_parallelism(mesh))
+
+
 def jit_train_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch, *,
                    grad_accum_steps: int = 1) -> Callable:
   """The train step as one ``jax.jit`` with explicit shardings and the state donated."""
+  config = per_device_chunks(config, spec.mesh)
   step = make_train_step(spec.graphdef, spec.ref_graphdef, config, grad_accum_steps=grad_accum_steps)
   replicated = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch)),
@@ -148,7 +158,7 @@ def jit_eval_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch) ->
   ``normalizers`` (:class:`artifex_dpo.losses.Normalizers` of the whole eval set) make the
   metrics the batch's additive shares of the eval set's.
   """
-  loss_fn = make_loss_fn(spec.graphdef, spec.ref_graphdef, config)
+  loss_fn = make_loss_fn(spec.graphdef, spec.ref_graphdef, per_device_chunks(config, spec.mesh))
   replicated = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
   return jax.jit(lambda s, r, b, n: loss_fn(s, r, b, n)[1],
                  in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch), replicated),

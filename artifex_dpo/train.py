@@ -24,6 +24,7 @@ from flax import nnx
 from artifex_dpo import checkpoint as ckpt_lib
 from artifex_dpo import config as config_lib
 from artifex_dpo import losses
+from artifex_dpo import memory
 from artifex_dpo import metrics as metrics_lib
 from artifex_dpo import reference
 from artifex_dpo import sharding
@@ -304,14 +305,17 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
                  loader.plan.num_rows, loader.plan.row_length, 100 * loader.plan.fill)
   jit_cache: dict[Any, Any] = {}
 
-  def compiled(kind, batch):
-    """One compiled step per batch shape (bucketed lengths give a few)."""
+  def compiled(kind, batch, *extra):
+    """One compiled step per batch shape (bucketed lengths give a few); ``extra``: the eval normalizers."""
     key = (kind, jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
     if key not in jit_cache:
       if kind == "train":
-        jit_cache[key] = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
+        fn = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
       else:
-        jit_cache[key] = state_lib.jit_eval_step(spec, dpo_cfg, batch)
+        fn = state_lib.jit_eval_step(spec, dpo_cfg, batch)
+      # Compiled here, not on first call, so that the compiler's freed heap is returned before the
+      # step allocates its temporaries (else it adds to the peak resident set).
+      jit_cache[key] = memory.compile_now(fn, state, ref_state, batch, *extra)
     return jit_cache[key]
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -329,7 +333,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     for local in eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
                               c.data.pad_multiple, c.data.max_length):
       batch = state_lib.global_batch(local, mesh, with_pair_mask=True, reference_table=eval_ref)
-      m = jax.device_get(compiled("eval", batch)(state, ref_state, batch, normalizers))
+      m = jax.device_get(compiled("eval", batch, normalizers)(state, ref_state, batch, normalizers))
       for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(v)
     row = {"step": step, "time": time.time()}

@@ -49,7 +49,8 @@ def get_config():
   c.data.eval_split = 0.02
   c.dpo.beta = 0.1
   c.dpo.loss_type = "sigmoid"
-  c.dpo.logits_chunk_size = 256             # positions per chunk of the 152064-wide output projection
+  c.dpo.logits_chunk_size = 512             # tokens per device per chunk of the 152064-wide output projection
+                                            # (2 rows x 256 positions)
   c.optim.learning_rate = 5e-7
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 50

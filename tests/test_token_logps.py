@@ -66,7 +66,7 @@ def test_per_token_log_probs_match_transformers(models):
   hf_model, ours = models
   tokens, mask = _inputs()
   want = _hf_token_logps(hf_model, tokens, mask)
-  got, _ = token_log_probs(ours, jnp.asarray(tokens), jnp.asarray(mask), None, chunk_size=4)  # 3 chunks
+  got, _ = token_log_probs(ours, jnp.asarray(tokens), jnp.asarray(mask), None, chunk_size=12)  # 3 rows x 4 positions
   got = np.asarray(got)
   scored = np.zeros_like(mask, bool)
   for b in range(3):
@@ -87,7 +87,7 @@ def test_sequence_log_probs_of_the_loss_match_transformers(models):
   side = lambda rows: GeneratedSequenceBatch.from_sequences(tokens[rows], response_mask=response[rows],
                                                            attention_mask=mask[rows])
   batch = PreferenceBatch(chosen=side([0, 1, 2]), rejected=side([2, 0, 1]))
-  _, metrics = dpo_loss(ours, None, batch, DPOConfig(loss_type="sft").loss_settings(), chunk_size=4)
+  _, metrics = dpo_loss(ours, None, batch, DPOConfig(loss_type="sft").loss_settings(), chunk_size=24)  # 6 rows x 4
   sums = (want * response).sum(1)
   np.testing.assert_allclose(float(metrics["logps/chosen"]), sums.mean(), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["logps/rejected"]), sums[[2, 0, 1]].mean(), rtol=1e-5)
