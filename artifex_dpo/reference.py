@@ -22,6 +22,7 @@ from flax import nnx
 from artifex_dpo import losses
 from artifex_dpo import state as state_lib
 from artifex_dpo.data import PreferenceDataset, eval_batches
+from artifex_dpo.models.lora import frozen
 from artifex_dpo.trainer import concat_sides, token_log_probs
 
 
@@ -54,9 +55,14 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
   """
   mesh = spec.mesh
   table = np.zeros((len(dataset), 2), np.float32)
+  # LoRA: ``ref_state`` is the policy's state and the reference its base with the adapters off.
+  ref_shardings = spec.shardings if spec.reference_is_base else spec.ref_shardings
 
   def sums(ref_state, batch):
-    ref = nnx.merge(spec.ref_graphdef, ref_state)
+    if spec.reference_is_base:
+      ref = nnx.merge(spec.graphdef, ref_state)[0].base_view()
+    else:
+      ref = nnx.merge(spec.ref_graphdef, ref_state)
     both = concat_sides(batch)
     logps, _ = token_log_probs(ref, both.sequences, both.segment_ids, None, chunk_size)
     s = losses.sequence_stats(logps, both.response_mask).logp_sum
@@ -70,7 +76,7 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
     key = batch.chosen.length
     if key not in compiled:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      compiled[key] = jax.jit(sums, in_shardings=(spec.ref_shardings, state_lib.batch_shardings(batch)),
+      compiled[key] = jax.jit(sums, in_shardings=(ref_shardings, state_lib.batch_shardings(batch)),
                               out_shardings=replicated)
     with mesh:
       out = np.asarray(jax.device_get(compiled[key](ref_state, batch)))
@@ -82,7 +88,8 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
 
 def load_or_compute(workdir: str, name: str, spec, ref_state, dataset: PreferenceDataset, **kwargs) -> np.ndarray:
   """The cached table for this data and these reference weights, computed (and saved) if absent."""
-  key = cache_key(dataset, weights_fingerprint(ref_state), kwargs["chunk_size"])
+  weights = frozen(ref_state) if spec.reference_is_base else ref_state  # LoRA: the base only
+  key = cache_key(dataset, weights_fingerprint(weights), kwargs["chunk_size"])
   path = os.path.join(workdir, "ref_logps", f"{name}-{key}.npz")
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as z:
