@@ -435,6 +435,13 @@ def _tokenizer_dir(c) -> str | None:
 
 
 def _check_config_change(saved: dict, current: dict, c, path: str) -> None:
+  if ("base_fingerprint" in current) != ("base_fingerprint" in saved):
+    raise config_lib.ConfigError("lora.rank", f"checkpoint {path} is of {'full' if 'base_fingerprint' in current else 'LoRA'}"
+                                              " training; this run is not")
+  if "base_fingerprint" in current and saved["base_fingerprint"] != current["base_fingerprint"]:
+    # Not overridable: adapters trained on other base weights are meaningless on these.
+    raise config_lib.ConfigError("model.hf_checkpoint", f"the base weights differ from those checkpoint {path} was "
+                                                        "trained on (LoRA adapters only fit their own base)")
   if c.checkpoint.allow_change:
     return
   for key in _FROZEN_KEYS:
@@ -446,10 +453,6 @@ def _check_config_change(saved: dict, current: dict, c, path: str) -> None:
     if old != new:
       raise config_lib.ConfigError(key, f"is {new!r} but the checkpoint {path} was written with {old!r} (set "
                                         "checkpoint.allow_change=True to resume anyway)")
-  if "base_fingerprint" in current and saved.get("base_fingerprint") != current["base_fingerprint"]:
-    # Not overridable: adapters trained on other base weights are meaningless on these.
-    raise config_lib.ConfigError("model.hf_checkpoint", f"the base weights differ from those checkpoint {path} was "
-                                                        "trained on (LoRA adapters only fit their own base)")
   if saved.get("train_fingerprint") != current["train_fingerprint"]:
     raise config_lib.ConfigError("data.train_files", f"the training data differ from those of checkpoint {path} "
                                                      "(set checkpoint.allow_change=True to resume anyway)")
