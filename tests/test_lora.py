@@ -261,3 +261,24 @@ def test_resume_onto_another_base_is_refused(base):
     with pytest.raises(config_lib.ConfigError) as e:
       train._check_config_change(a, b, c, "ckpt/5")
     assert e.value.key == "lora.rank"
+
+
+@pytest.mark.parametrize("name,chips,base_dtype", [("llama3_8b_lora_v5e8", 8, "bfloat16"),
+                                                   ("llama3_70b_qlora_v5p64", 32, "nf4")])
+def test_lora_presets_validate_and_fill_their_slices(name, chips, base_dtype):
+  from test_configs import load
+
+  from artifex_dpo import sharding
+
+  module = load(name)
+  assert module.NUM_CHIPS == chips <= 32
+  c = module.get_config()
+  assert set(config_lib.flat_keys(c)) == set(config_lib.DOCS)
+  c.data.tokenizer = "byte"
+  config_lib.validate(c)
+  assert c.lora.rank == 16 and c.lora.base_dtype == base_dtype and c.data.max_length == 4096
+  ici, _ = sharding.mesh_shape(c.mesh.ici, c.mesh.dcn, chips)
+  assert np.prod(ici) == chips
+  micro = c.train.global_batch_size // c.train.grad_accum_steps
+  assert micro % (ici[0] * ici[1]) == 0
+  assert f"python -m artifex_dpo.aot --config=configs/{name}.py" in module.__doc__

@@ -90,13 +90,15 @@ def test_lora_sigterm_resume_is_bitwise(lora_run, tmp_path):
 
 
 def test_lora_two_processes_match_one(lora_run, tmp_path):
+  """2 processes = 1; the 2-process run also precomputes the reference (the base) instead of running it live."""
   steps = 6
   for code, err in _run(tmp_path / "two", f"--config.train.steps={steps}", "--config.export.hf=False",
-                        processes=2):
+                        "--config.dpo.precompute_ref_logps=True", processes=2):
     assert code == 0, err[-4000:]
   one, _ = final_rows(lora_run)
   two, _ = final_rows(tmp_path / "two")
   assert sorted(two) == list(range(1, steps + 1))
+  assert list((tmp_path / "two" / "ref_logps").glob("train-*.npz"))
   for s in two:
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "tokens"):
       np.testing.assert_allclose(two[s][key], one[s][key], rtol=1e-5, atol=1e-6, err_msg=f"{key}@{s}")
