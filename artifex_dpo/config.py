@@ -106,7 +106,7 @@ DOCS: dict[str, str] = {
     "lora.rank": "LoRA rank r: train low-rank adapters on a frozen base (0: off, full training)",
     "lora.alpha": "LoRA scale numerator: the update is (alpha / rank) * x A B",
     "lora.targets": "regex over layer weight paths (layers/q_proj ... layers/down_proj) that get adapters",
-    "lora.dropout": "dropout on the adapter input (only 0 is supported)",
+    "lora.dropout": "dropout rate on the adapter inputs in training steps (PEFT's lora_dropout), in [0, 1)",
     "lora.base_dtype": "storage of the frozen base: bfloat16 | float32 | int8 | nf4 (int8 / nf4: QLoRA)",
     "export.hf": "export the final policy in Hugging Face format to workdir/export",
     "export.format": "hf: full HF weights (with LoRA: adapters merged in) | merged: the same, LoRA only | "

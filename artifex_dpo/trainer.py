@@ -285,14 +285,18 @@ def make_train_step(
     # Arrays are immutable: keep the incoming ones (merge may reuse the state's Variables).
     old_leaves = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
+    # LoRA adapter dropout: one key per step (its counter is model state, so resume is bitwise).
+    dropout_key = model.next_dropout_key() if callable(getattr(model, "next_dropout_key", None)) else None
     m_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ref = None if _is_base(ref_graphdef) else _reference(ref_graphdef, ref_state, None)
 
-    def loss_of(p, rest_state, micro):
+    def loss_of(p, rest_state, micro, index=0):
       m = nnx.merge(m_graphdef, p, rest_state)
       # LoRA's base reference reads only frozen (non-Param) weights: nothing flows back from it.
       reference = m.base_view() if _is_base(ref_graphdef) else ref
-      loss, metrics = dpo_loss(m, reference, micro, settings, chunk_size=config.logits_chunk_size)
+      # LoRA: the training forward applies adapter dropout (evaluation never does), a mask per microbatch.
+      policy = m if dropout_key is None else m.training_view(jax.random.fold_in(dropout_key, index))
+      loss, metrics = dpo_loss(policy, reference, micro, settings, chunk_size=config.logits_chunk_size)
       _, _, new_rest = nnx.split(m, nnx.Param, ...)  # e.g. advanced dropout RNG counters
       return loss, (metrics, new_rest)
 
@@ -302,13 +306,14 @@ def make_train_step(
     else:
       micro = _microbatches(batch, grad_accum_steps)
 
-      def body(carry, mb):
+      def body(carry, xs):
         grads_acc, rest_state = carry
-        (_, (m, rest_state)), g = grad_fn(params, rest_state, mb)
+        mb, index = xs
+        (_, (m, rest_state)), g = grad_fn(params, rest_state, mb, index)
         return (jax.tree.map(jnp.add, grads_acc, g), rest_state), m
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, rest), per_micro = jax.lax.scan(body, (zeros, rest), micro)
+      (grads, rest), per_micro = jax.lax.scan(body, (zeros, rest), (micro, jnp.arange(grad_accum_steps)))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       metrics = jax.tree.map(jnp.mean, per_micro)
       metrics["tokens"] = jnp.sum(per_micro["tokens"])

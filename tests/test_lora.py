@@ -282,3 +282,22 @@ def test_lora_presets_validate_and_fill_their_slices(name, chips, base_dtype):
   micro = c.train.global_batch_size // c.train.grad_accum_steps
   assert micro % (ici[0] * ici[1]) == 0
   assert f"python -m artifex_dpo.aot --config=configs/{name}.py" in module.__doc__
+
+
+def test_adapter_dropout_only_in_training_forwards(base):
+  _, params = base
+  plain, dropped = _lora(params), _lora(params, dropout=0.5)
+  _randomize_adapters(plain)
+  _randomize_adapters(dropped)
+  batch = _pref(1)
+  make = lambda m: DPOTrainer(model=m, reference_model="base", optimizer=nnx.Optimizer(m, optax.sgd(0.0), wrt=nnx.Param))
+  t_plain, t_drop = make(plain), make(dropped)
+  # Evaluation (and the reference) never drop: the same loss as without dropout.
+  want = float(t_plain.compute_loss(batch)[0])
+  assert float(t_drop.compute_loss(batch)[0]) == want
+  # Training forwards drop (loss before the lr-0 update differs), with a fresh mask every step.
+  first, second = float(t_drop.train_step(batch)[0]), float(t_drop.train_step(batch)[0])
+  assert abs(first - want) > 1e-4 and abs(second - want) > 1e-4 and abs(first - second) > 1e-4
+  assert int(dropped.dropout_state[...][-1]) == 2  # the counter a checkpoint saves
+  assert plain.dropout_state is None
+  np.testing.assert_allclose(float(t_plain.train_step(batch)[0]), want, rtol=1e-6)

@@ -195,6 +195,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
   return jnp.concatenate(outs, axis=1)
 
 
+_PROJECTION_INDEX = {n: i for i, n in enumerate(
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
+
+
 def low_rank_update(eq: str, x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
   """``scale * (x A) B`` for a projection ``einsum(eq, x, W)``: the LoRA update of ``x W``.
 
@@ -223,6 +227,7 @@ def decoder_layer(
     config: ModelConfig,
     lora: dict[str, tuple[jax.Array, jax.Array]] | None = None,
     lora_scale: float = 1.0,
+    lora_dropout: tuple[float, jax.Array] | None = None,
 ) -> jax.Array:
   """One pre-norm decoder layer (attention + SwiGLU MLP), pure.
 
@@ -237,6 +242,8 @@ def decoder_layer(
       a listed projection computes ``h W + lora_scale * (h A) B``
       (see :mod:`artifex_dpo.models.lora`).
     lora_scale: LoRA's ``alpha / rank``.
+    lora_dropout: ``(rate, key)``: inverted dropout on each adapter's input (an independent mask
+      per projection, as PEFT's ``lora_dropout``), or None.
 
   Returns:
     The updated residual stream, same shape and dtype.
@@ -247,6 +254,10 @@ def decoder_layer(
   def dense(eq, h, name):
     y = jnp.einsum(eq, h, w[name])
     if lora and name in lora:
+      if lora_dropout is not None:
+        rate, key = lora_dropout
+        keep = jax.random.bernoulli(jax.random.fold_in(key, _PROJECTION_INDEX[name]), 1.0 - rate, h.shape)
+        h = jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h)).astype(h.dtype)
       y = y + low_rank_update(eq, h, *lora[name], lora_scale)
     return y
 

@@ -74,6 +74,10 @@ class FrozenParam(nnx.Variable):
   """A base weight: never differentiated, no optimizer state, not checkpointed."""
 
 
+class DropoutState(nnx.Variable):
+  """Adapter dropout's key data and count of training forwards (checkpointed: resume is bitwise)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """Adapter settings (the ``lora.*`` config keys).
@@ -83,7 +87,7 @@ class LoraConfig:
     alpha: the update is scaled by ``alpha / rank`` (PEFT's ``lora_alpha``).
     targets: regex searched in each layer weight's path (``layers/q_proj``, ...); matching
       projections get adapters.
-    dropout: dropout rate on the adapter input (PEFT's ``lora_dropout``); only 0 is supported.
+    dropout: dropout rate on the adapter input (PEFT's ``lora_dropout``), in training steps only.
     base_dtype: storage of the frozen base: float32 | bfloat16 | int8 | nf4.
   """
 
@@ -111,8 +115,6 @@ class LoraConfig:
                        f"{', '.join('layers/' + n for n in PROJECTIONS)}")
     if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-    if self.dropout:
-      raise ValueError(f"LoraConfig.dropout={self.dropout}: adapter dropout is not supported yet (use 0)")
     if self.base_dtype not in BASE_DTYPES:
       raise ValueError(f"LoraConfig.base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
 
@@ -271,21 +273,29 @@ class LoraDecoderLayers(nnx.Module):
     return {n: (getattr(self, f"{n}_lora_a")[...], getattr(self, f"{n}_lora_b")[...]) for n in self.targets}
 
   def __call__(self, x: jax.Array, *, bias: jax.Array, rope: tuple[jax.Array, jax.Array],
-               adapters: bool = True) -> jax.Array:
-    """The layer scan; each layer is dequantized and (with ``adapters``) gets its low-rank updates."""
-    config, scale = self.config, self.lora.scale
+               adapters: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
+    """The layer scan; each layer is dequantized and (with ``adapters``) gets its low-rank updates.
+
+    ``dropout_key``: drop adapter inputs at ``lora.dropout`` (training forwards only).
+    """
+    config, scale, rate = self.config, self.lora.scale, self.lora.dropout
     dt = to_jnp_dtype(config.dtype)
 
     def body(carry, xs):
-      base, lora = xs
+      base, lora, key = xs
       params = self.dequantized(base, dt)
       lora = {n: (a.astype(dt), b.astype(dt)) for n, (a, b) in lora.items()} if adapters else None
-      return decoder_layer(carry, params, bias=bias, rope=rope, config=config, lora=lora, lora_scale=scale), None
+      drop = None if key is None else (rate, key)
+      return decoder_layer(carry, params, bias=bias, rope=rope, config=config, lora=lora, lora_scale=scale,
+                           lora_dropout=drop), None
 
     use_ckpt, policy = remat_policy(config.remat)
     if use_ckpt:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    xs = (self.stacked(), self.adapters() if adapters else {})
+    keys = None
+    if adapters and dropout_key is not None and rate > 0:
+      keys = jax.random.split(dropout_key, config.num_layers)
+    xs = (self.stacked(), self.adapters() if adapters else {}, keys)
     x, _ = jax.lax.scan(body, x, xs, unroll=min(config.scan_unroll, config.num_layers))
     return x
 
@@ -312,15 +322,58 @@ class LoraLlamaModel(LlamaModel):
       if var is not None:
         setattr(self, name, FrozenParam(var[...].astype(fdt), **var.get_metadata()))
     self.layers = LoraDecoderLayers(config, lora, self.layers.stacked(), rngs=rngs)
+    if lora.dropout > 0:
+      key_data = jax.random.key_data(rngs.params()).astype(jnp.uint32).reshape(-1)
+      self.dropout_state = DropoutState(jnp.concatenate([key_data, jnp.zeros((1,), jnp.uint32)]))
+    else:
+      self.dropout_state = None
 
-  def hidden_states(self, tokens, *, segment_ids=None, positions=None, prefix_ids=None, adapters: bool = True):
-    """As :meth:`LlamaModel.hidden_states`; ``adapters=False`` runs the base alone."""
+  def hidden_states(self, tokens, *, segment_ids=None, positions=None, prefix_ids=None, adapters: bool = True,
+                    dropout_key: jax.Array | None = None):
+    """As :meth:`LlamaModel.hidden_states`; ``adapters=False`` runs the base alone.
+
+    ``dropout_key`` (training forwards, see :meth:`next_dropout_key`) drops adapter inputs at
+    ``lora.dropout``.
+    """
+    options = {"adapters": adapters}
+    if dropout_key is not None and adapters and self.lora.dropout > 0:
+      options["dropout_key"] = dropout_key
     return super().hidden_states(tokens, segment_ids=segment_ids, positions=positions, prefix_ids=prefix_ids,
-                                 layer_options={"adapters": adapters})
+                                 layer_options=options)
 
   def base_view(self) -> BaseView:
     """The base model (adapters off), sharing this model's weights: the DPO reference."""
     return BaseView(self)
+
+  def next_dropout_key(self) -> jax.Array | None:
+    """A fresh adapter-dropout key (advances the counter in :class:`DropoutState`); None without dropout.
+
+    Called once per training step, outside the differentiated function (NNX allows the mutation
+    only at the trace level where the model was merged).
+    """
+    if self.dropout_state is None:
+      return None
+    state = self.dropout_state[...]
+    self.dropout_state.set_value(state.at[-1].add(1))
+    return jax.random.fold_in(jax.random.wrap_key_data(state[:-1]), state[-1])
+
+  def training_view(self, dropout_key: jax.Array | None) -> TrainingView:
+    """This model with adapter dropout drawn from ``dropout_key``: the policy forward of a training step."""
+    return TrainingView(self, dropout_key)
+
+
+class TrainingView:
+  """A :class:`LoraLlamaModel` whose forwards apply adapter dropout (``lora.dropout``)."""
+
+  def __init__(self, model: LoraLlamaModel, dropout_key: jax.Array | None):
+    self.model, self.dropout_key = model, dropout_key
+
+  def hidden_states(self, tokens, *, segment_ids=None, positions=None, prefix_ids=None):
+    return self.model.hidden_states(tokens, segment_ids=segment_ids, positions=positions, prefix_ids=prefix_ids,
+                                    dropout_key=self.dropout_key)
+
+  def unembedding(self) -> jax.Array:
+    return self.model.unembedding()
 
 
 class BaseView:
