@@ -4,7 +4,9 @@ A checkpoint ``checkpoints/<step>/`` holds ``state`` (policy params, optimizer s
 everything in the trainer's NNX state) and ``meta`` (JSON: the step, i.e. the data position,
 the resolved config, fingerprints of the data). Orbax writes into a temporary folder and renames
 it when complete, so a checkpoint is complete or invisible; a restart loads the newest complete
-one. The reference model is never saved: it is rebuilt from its source.
+one. The reference model is never saved: it is rebuilt from its source. With LoRA the caller saves
+only the adapters and their optimizer state (``models.lora.checkpointed``): the frozen base is
+rebuilt from its source too.
 
 Multi-host: every process calls ``save`` with the same step (the decision depends only on the
 step and on values that every process agrees on) because saving is a collective.
