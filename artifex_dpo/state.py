@@ -96,8 +96,9 @@ def build_state_spec(model_config: ModelConfig, tx: optax.GradientTransformation
 
 def _abstract_policy(spec: StateSpec) -> LlamaModel:
   """The abstract model whose Params a HF checkpoint fills (the plain base model with LoRA)."""
-  if spec.lora is not None:
-    return nnx.eval_shape(lambda: LlamaModel(spec.model_config, rngs=nnx.Rngs(spec.init_seed)))
+  if spec.lora is not None:  # read in the base's float dtype: bf16 for bf16 / int8 / nf4 bases (half the bytes)
+    config = spec.model_config.replace(param_dtype="float32" if spec.lora.base_dtype == "float32" else "bfloat16")
+    return nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(spec.init_seed)))
   return nnx.eval_shape(lambda: spec.create()[0])
 
 
