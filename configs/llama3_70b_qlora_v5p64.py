@@ -12,8 +12,8 @@ Run (every host runs the same command; launch/gke.py renders it for GKE):
         --config.data.train_files='gs://BUCKET/data/prefs/train-*.parquet'
 
 QLoRA: the layer projections of the base are stored as NF4 (4 bits per weight plus one float32
-scale per 64 inputs: 37 GB for the 69B projection weights), the embedding, output projection and
-norms in bf16 (2.1 GB); the base is also the reference (adapters off). Each layer is dequantized
+scale per 64 inputs: 38.5 GB for the 68.5B projection weights), the embedding, output projection
+and norms in bf16 (4.2 GB); the base is also the reference (adapters off). Each layer is dequantized
 to bf16 inside the layer scan, one layer at a time. Only the rank-16 adapters (~207M parameters,
 fp32 + Adam: 3.3 GB in all) are trained. A quarter of the chips of the full-training preset
 (llama3_70b_v5p256); the per-device bytes measured by the AOT command are in the README (LoRA section).
