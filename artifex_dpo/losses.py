@@ -36,6 +36,9 @@ LOSS_TYPES = (
 )
 # Losses defined on length-normalised (token-mean) log-probs whatever ``logp_reduction`` says.
 LENGTH_NORMALISED_LOSSES = frozenset({"ipo", "simpo", "sigmoid_norm"})
+# Losses whose per-pair values depend on the other pairs of the batch (AOT sorts over it): a
+# microbatch cannot compute its share of the whole batch's loss, so gradient accumulation is refused.
+BATCH_COUPLED_LOSSES = frozenset({"aot", "aot_unpaired"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,15 +296,42 @@ def simpo_loss(p: PairLogps, beta: float, gamma: float = 0.0, label_smoothing: f
   return _smoothed_sigmoid(beta * (p.chosen - p.rejected) - gamma, label_smoothing)
 
 
-def sft_loss(chosen_token_logps: jax.Array, chosen_response_mask: jax.Array) -> jax.Array:
-  """Token-mean negative log-likelihood of the chosen responses over the whole batch (a scalar)."""
+def sft_loss(chosen_token_logps: jax.Array, chosen_response_mask: jax.Array,
+             num_tokens: jax.Array | None = None) -> jax.Array:
+  """Token-mean negative log-likelihood of the chosen responses over the whole batch (a scalar).
+
+  As TRL 1.16's ``sft`` loss: the mean over every scored chosen token of the batch (not a mean
+  of per-sequence means). ``num_tokens`` (default: the tokens of ``chosen_response_mask``) is
+  the denominator; a microbatch passes the whole accumulated batch's count, so the microbatch
+  values sum to the whole batch's loss.
+  """
   mask = chosen_response_mask.astype(jnp.float32)
-  return -jnp.sum(chosen_token_logps * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  denominator = jnp.sum(mask) if num_tokens is None else num_tokens
+  return -jnp.sum(chosen_token_logps * mask) / jnp.maximum(denominator, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Combining
 # --------------------------------------------------------------------------------------------
+
+
+class Normalizers(NamedTuple):
+  """The denominators of every batch mean (float32 scalars).
+
+  By default each is counted on the batch the loss sees. A microbatch of an accumulated batch
+  (or one eval batch of an eval set) is given the counts of the whole, so its loss and metrics
+  are its exact share of the whole's and the shares simply add up.
+
+  Attributes:
+    pairs: real pairs (pair means: pair losses, rewards, accuracies, log-probs).
+    chosen_tokens: scored chosen response tokens of the real pairs (``sft``, RPO's NLL,
+      ``logits/chosen``).
+    rejected_tokens: scored rejected response tokens of the real pairs (``logits/rejected``).
+  """
+
+  pairs: jax.Array
+  chosen_tokens: jax.Array
+  rejected_tokens: jax.Array
 
 
 class LossSettings(NamedTuple):
@@ -359,6 +389,7 @@ def preference_loss(
     chosen_token_logps: jax.Array,
     chosen_response_mask: jax.Array,
     pair_mask: jax.Array | None = None,
+    normalizers: Normalizers | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted sum of the configured losses and its metrics (batch means over pairs).
 
@@ -372,6 +403,10 @@ def preference_loss(
     pair_mask: ``[B]`` 0/1; pairs with 0 (filler rows of a last, partial eval batch, empty
       slots of packed rows) count in no mean and are left out of the AOT losses' sorting.
       None: every pair counts.
+    normalizers: the denominators of the means (None: counted on this batch). Given the
+      counts of a larger batch this batch is part of, every returned value is this batch's
+      share (summing the shares gives the larger batch's values); the AOT losses, which sort
+      over the batch, are the exception (see ``BATCH_COUPLED_LOSSES``).
 
   Returns:
     ``(loss, metrics)``; the metrics use TRL's names plus the seed trainer's keys.
@@ -386,13 +421,16 @@ def preference_loss(
     )
 
   w = jnp.ones_like(chosen.logp_sum) if pair_mask is None else pair_mask.astype(jnp.float32)
-  mean = lambda x, weights=w: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  if normalizers is None:
+    normalizers = Normalizers(jnp.sum(w), jnp.sum(chosen.num_tokens * w), jnp.sum(rejected.num_tokens * w))
+  n_pairs = jnp.maximum(normalizers.pairs, 1.0)
+  mean = lambda x, weights=w: jnp.sum(x * weights) / n_pairs
   metrics: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
   nll = None
   for name, weight in zip(s.loss_types, s.loss_weights, strict=True):
     if name == "sft":
-      nll = sft_loss(chosen_token_logps, chosen_response_mask) if nll is None else nll
+      nll = sft_loss(chosen_token_logps, chosen_response_mask, normalizers.chosen_tokens) if nll is None else nll
       term = nll
     else:
       reduction = "mean" if name in LENGTH_NORMALISED_LOSSES else s.logp_reduction
@@ -405,7 +443,7 @@ def preference_loss(
       metrics[f"loss/{name}"] = term
     total = total + weight * term
   if s.rpo_alpha is not None:
-    nll = sft_loss(chosen_token_logps, chosen_response_mask) if nll is None else nll
+    nll = sft_loss(chosen_token_logps, chosen_response_mask, normalizers.chosen_tokens) if nll is None else nll
     metrics["nll_loss"] = nll
     total = total + s.rpo_alpha * nll
 
@@ -414,8 +452,8 @@ def preference_loss(
   rejected_rewards = jax.lax.stop_gradient(s.beta * rp.rejected_logratios)
   accuracy = mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
   margin = mean(chosen_rewards - rejected_rewards)
-  n_chosen = jnp.maximum(jnp.sum(chosen.num_tokens * w), 1.0)
-  n_rejected = jnp.maximum(jnp.sum(rejected.num_tokens * w), 1.0)
+  n_chosen = jnp.maximum(normalizers.chosen_tokens, 1.0)
+  n_rejected = jnp.maximum(normalizers.rejected_tokens, 1.0)
   metrics.update({
       "loss": total,
       "rewards/chosen": mean(chosen_rewards),
