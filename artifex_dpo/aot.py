@@ -7,8 +7,10 @@ topology's devices, the abstract sharded state (policy, optimizer, reference) an
 exactly as the training run does, compiles it with XLA's TPU compiler, and prints one JSON line:
 ``topology``, ``devices``, ``per_device_bytes`` (arguments + temporaries + outputs - aliased),
 ``hbm_bytes`` of that chip, ``fits``, ``flops_per_device`` (XLA's cost analysis),
-``model_flops_per_step`` (ours, analytic) and ``roofline_step_s`` (a lower bound on the step time
-from the chip's peak FLOP/s and HBM bandwidth). Exit code 2 on a bad config.
+``model_flops_per_step`` (ours, analytic), ``roofline_step_s`` (a lower bound on the step time
+from the chip's peak FLOP/s and HBM bandwidth), ``attention`` (``model.attention_impl`` resolved for
+a TPU: ``auto`` compiles the Pallas splash kernel) and ``kernel_calls`` (Mosaic kernels in the
+compiled step). Exit code 2 on a bad config.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
     mesh = sharding.make_mesh(c.mesh, devices=devices)
   except sharding.MeshError as e:
     raise config_lib.ConfigError("mesh", str(e)) from None
-  mcfg = build_model_config(c)
+  mcfg = build_model_config(c, platform="tpu")  # model.attention_impl=auto: the splash kernel
   dpo_cfg = config_lib.dpo_config(c)
   tx, _ = build_optimizer(c)
   keep_ref = dpo_cfg.needs_reference and not c.dpo.precompute_ref_logps
@@ -82,6 +84,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   mem = compiled.memory_analysis()
   per_device = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes)
+  # Pallas kernels (splash attention) compiled into the step: Mosaic custom calls in the TPU program.
+  kernel_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_device = float(cost.get("flops", 0.0))
@@ -92,6 +96,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   roofline = max(model_flops / (peak * len(devices)), flops_per_device / peak, bytes_per_device / bandwidth)
   return {
       "topology": topology,
+      "attention": mcfg.attention_impl,
+      "kernel_calls": kernel_calls,
       "num_slices": num_slices,
       "devices": len(devices),
       "mesh": dict(mesh.shape),

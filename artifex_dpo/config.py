@@ -38,6 +38,7 @@ DOCS: dict[str, str] = {
     "model.init_seed": "seed of the random initialisation when no checkpoint is given",
     "model.scan_unroll": "layers per iteration of the layer scan (small models on CPU run faster fully unrolled)",
     "model.attention_block": "query positions per attention block; blocks skip keys wholly in their future (0: dense)",
+    "model.attention_impl": "attention: auto (the Pallas splash kernel on TPU, XLA elsewhere) | splash | xla",
     "data.train_files": "training files: globs, comma-separated (.jsonl, .parquet, .array_record); "
                         "unset: the built-in synthetic preference set",
     "data.eval_files": "eval files (globs); unset: hold out data.eval_split of the training data",
@@ -125,7 +126,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(preset="llama-tiny", hf_checkpoint=placeholder(str), ref_hf_checkpoint=placeholder(str),
                  dtype="float32", param_dtype="float32", ref_dtype="float32", remat="none", init_seed=0,
-                 scan_unroll=1, attention_block=128)
+                 scan_unroll=1, attention_block=128, attention_impl="auto")
   c.data = dict(train_files=placeholder(str), eval_files=placeholder(str), eval_split=0.1, format="auto",
                 tokenizer=placeholder(str), max_length=512, max_prompt_length=256, truncation_mode="keep_end",
                 pad_multiple=64, packing=False, pack_batches=False, share_prompt=False, pack_length=0, max_pairs_per_row=0, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
@@ -201,6 +202,7 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   _choice(c, "model.param_dtype", ("float32", "bfloat16"))
   _choice(c, "model.ref_dtype", ("float32", "bfloat16"))
   _choice(c, "model.remat", ("none", "full", "dots_saveable"))
+  _choice(c, "model.attention_impl", ("auto", "splash", "xla"))
   from artifex_dpo.models import presets  # light import: no devices
 
   if not c.model.hf_checkpoint:

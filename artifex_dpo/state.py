@@ -80,7 +80,11 @@ def build_state_spec(model_config: ModelConfig, tx: optax.GradientTransformation
 
   With ``lora`` and ``reference_is_base`` (and a ``ref_dtype``: a reference is needed) the
   reference is the policy's frozen base with the adapters off: no second copy of any weight.
+  With the splash attention the model config also carries the mesh, which the kernel
+  is ``shard_map``-ed over.
   """
+  if model_config.attention_impl != "xla":
+    model_config = dataclasses.replace(model_config, attention_mesh=mesh)
   spec = StateSpec(mesh=mesh, model_config=model_config, tx=tx, init_seed=init_seed, graphdef=None,
                    abstract_state=None, shardings=None, lora=lora)
   spec.graphdef, spec.abstract_state = nnx.split(nnx.eval_shape(spec.create))

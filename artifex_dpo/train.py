@@ -33,6 +33,7 @@ from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eva
 from artifex_dpo.data.synthetic import write_synthetic
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
 from artifex_dpo.models import lora as lora_lib
+from artifex_dpo.models.attention import resolve_attention_impl
 from artifex_dpo.models.hf import clean_stale_exports
 from artifex_dpo.models.config import ModelConfig
 
@@ -78,10 +79,20 @@ def build_datasets(c, tokenizer, workdir: str,
   return eval_split(train, c.data.eval_split, c.data.seed)  # the counters stay with the training part
 
 
-def build_model_config(c, tokenizer=None) -> ModelConfig:
-  """The model's shape and options; ``llama-tiny`` takes its vocabulary from the tokenizer (if given)."""
+def build_model_config(c, tokenizer=None, platform: str | None = None) -> ModelConfig:
+  """The model's shape and options; ``llama-tiny`` takes its vocabulary from the tokenizer (if given).
+
+  ``platform`` (default: JAX's backend) decides ``model.attention_impl=auto``: the splash kernel on
+  TPU, the XLA attention elsewhere; the choice is logged.
+  """
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-  runtime = dict(scan_unroll=c.model.scan_unroll, attention_block=c.model.attention_block)
+  platform = platform or jax.default_backend()
+  try:
+    impl = resolve_attention_impl(c.model.attention_impl, platform)
+  except ValueError as e:
+    raise config_lib.ConfigError("model.attention_impl", str(e)) from None
+  logging.info("attention: %s (model.attention_impl=%s, backend %s)", impl, c.model.attention_impl, platform)
+  runtime = dict(scan_unroll=c.model.scan_unroll, attention_block=c.model.attention_block, attention_impl=impl)
   if c.model.hf_checkpoint:
     mcfg = dataclasses.replace(config_from_hf(c.model.hf_checkpoint, **kw), **runtime)
   elif c.model.preset == "llama-tiny" and tokenizer is not None:  # from scratch: the tokenizer's vocabulary

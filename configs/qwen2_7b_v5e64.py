@@ -21,10 +21,12 @@ reference 0.24 GB. bf16 parameters would save under 1 GB per chip and round lr-5
 (a bf16 weight of 0.02 moves in steps of 1.2e-4), so they stay fp32. The activations are the problem: with
 FSDP over all 64 chips, one pair (2 x 4096 tokens) per chip needs 60 GB of temporaries (AOT
 compile, full remat). Tensor parallelism 4 (28 query / 4 KV heads, the 18944-wide MLP and the
-152064 vocabulary all divide by 4) lets 4 chips share each pair: microbatches of 16 pairs, one
-per data x fsdp shard, take 15.0 GiB of the 15.75 GiB XLA can use (AOT; 14.0 GiB without
-gradient accumulation). It fits, without much room: check with the AOT command after any change
-to max_length, batch or mesh.
+152064 vocabulary all divide by 4) lets 4 chips share each pair. With the XLA attention
+(``--config.model.attention_impl=xla``) microbatches of 16 pairs, one per data x fsdp shard, take
+14.25 GiB of the 15.75 GiB XLA can use (AOT), without much room. The splash-attention kernel
+(``model.attention_impl=auto`` on TPU) keeps no attention scores in HBM: 16-pair microbatches take
+6.8 GB, and the preset uses 32-pair microbatches (two pairs per data x fsdp shard): 9.6 GB
+(8.95 GiB; AOT). Check with the AOT command after any change to max_length, batch or mesh.
 """
 
 from artifex_dpo.config import default_config
@@ -55,7 +57,7 @@ def get_config():
   c.optim.grad_clip_norm = 1.0
   c.train.steps = 500
   c.train.global_batch_size = 128           # pairs per update
-  c.train.grad_accum_steps = 8              # microbatches of 16 pairs: 1 per data x fsdp shard (16)
+  c.train.grad_accum_steps = 4              # microbatches of 32 pairs: 2 per data x fsdp shard (AOT, splash: 9.6 GB)
   c.train.eval_batch_size = 16              # as a microbatch
   c.train.log_every = 10
   c.train.eval_every = 100

@@ -28,6 +28,8 @@ def test_llama_tiny_compiles_for_v5e_2x2():
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report["topology"] == "v5e:2x2" and report["devices"] == 4
+  # model.attention_impl=auto compiles the Pallas splash kernel (Mosaic custom calls) for the TPU.
+  assert report["attention"] == "splash" and report["kernel_calls"] > 0
   assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert report["hbm_bytes"] == 16 * 2**30 and report["fits"] is True
   # At least this device's shard of the policy, two Adam moments and the reference (float32).

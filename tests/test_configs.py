@@ -25,6 +25,7 @@ HBM = {"v5p": 95 * GIB, "v5e": 16 * GIB}
 # file, preset, slice, chips, hosts, (data, fsdp, tensor) within the slice, AOT topology
 PRESETS = [
     ("llama3_8b_v5p32", "llama3-8b", "v5p-32", 16, 4, (1, 16, 1), "v5p:2x2x4"),
+    ("llama3_8b_v5p32_16k", "llama3-8b", "v5p-32", 16, 4, (1, 16, 1), "v5p:2x2x4"),
     ("llama3_70b_v5p256", "llama3-70b", "v5p-256", 128, 32, (1, 32, 4), "v5p:4x4x8"),
     ("qwen2_7b_v5e64", "qwen2-7b", "v5e-64", 64, 16, (1, 16, 4), "v5e:8x8"),
 ]

@@ -15,8 +15,38 @@ additive ``bias`` built once per forward (not per layer) by :func:`attention_bia
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+# model.attention_impl values (config key) and ModelConfig.attention_impl values (resolved; the
+# Pallas interpreter runs the TPU kernel on CPU, for tests).
+ATTENTION_IMPL_KEYS = ("auto", "splash", "xla")
+ATTENTION_IMPLS = ("xla", "splash", "splash_interpret")
+
+
+def resolve_attention_impl(name: str, platform: str) -> str:
+  """``model.attention_impl`` -> ModelConfig.attention_impl: auto is splash on TPU, xla elsewhere.
+
+  Raises:
+    ValueError: an unknown name, or splash where the backend is not a TPU.
+  """
+  if name not in ATTENTION_IMPL_KEYS:
+    raise ValueError(f"must be one of {', '.join(ATTENTION_IMPL_KEYS)}, got {name!r}")
+  if name == "auto":
+    return "splash" if platform == "tpu" else "xla"
+  if name == "splash" and platform != "tpu":
+    raise ValueError(f"splash is a TPU kernel and the backend is {platform}; use auto or xla")
+  return name
+
+
+class SplashMask(NamedTuple):
+  """The splash path's per-forward mask inputs (instead of the XLA path's ``[B, 1, T, T]`` bias)."""
+
+  segment_ids: jax.Array  # int32 [B, T]
+  prefix_ids: jax.Array | None = None  # int32 [B, T] (shared prompts) or None
+
 
 # Finite, so that exp(bias - max) is exactly 0 without producing NaNs from (-inf) - (-inf).
 _MASKED = -1e30

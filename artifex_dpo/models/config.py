@@ -8,6 +8,7 @@ from typing import Any
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+ATTENTION_IMPLS = ("xla", "splash", "splash_interpret")  # = models.attention.ATTENTION_IMPLS
 _LLAMA3_ROPE_KEYS = (
     "factor",
     "low_freq_factor",
@@ -73,6 +74,12 @@ class ModelConfig:
   # Query positions per attention block: a query block skips the key blocks wholly after it
   # (exact under the causal mask); 0 runs one dense attention over the whole row.
   attention_block: int = 128
+  # Attention implementation: "xla" (models/attention.py, any backend), "splash" (the Pallas TPU
+  # kernel, models/splash.py) or "splash_interpret" (that kernel in the Pallas interpreter: CPU tests).
+  attention_impl: str = "xla"
+  # Mesh the splash kernel is shard_mapped over; None: unsharded. Runtime only
+  # (set by state.build_state_spec), never exported.
+  attention_mesh: Any = None
 
   def __post_init__(self):
     if self.rope_scaling is not None:
@@ -141,6 +148,7 @@ class ModelConfig:
       raise ValueError(f"scan_unroll must be an int >= 1, got {self.scan_unroll!r}")
     if not isinstance(self.attention_block, int) or self.attention_block < 0:
       raise ValueError(f"attention_block must be an int >= 0, got {self.attention_block!r}")
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     validate_rope_scaling(self.rope_scaling)
 
   def replace(self, **kwargs: Any) -> ModelConfig:

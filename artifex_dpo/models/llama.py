@@ -11,6 +11,8 @@ and the forward runs ``jax.lax.scan`` over them.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Callable
 
 import jax
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from artifex_dpo.models.attention import attention_bias, dot_product_attention
+from artifex_dpo.models.attention import SplashMask, attention_bias, dot_product_attention
 from artifex_dpo.models.config import ModelConfig
 
 LOGICAL_AXES = ("layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
@@ -218,11 +220,44 @@ def low_rank_update(eq: str, x: jax.Array, a: jax.Array, b: jax.Array, scale: fl
   return scale * jnp.einsum(f"{kept}r,r{outputs}->{out}", down, b)
 
 
+@functools.cache
+def _log_once(message: str) -> None:
+  logging.warning("%s", message)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | SplashMask, config: ModelConfig) -> jax.Array:
+  """Causal attention of one layer: the splash kernel for a :class:`SplashMask`, else the XLA path."""
+  if isinstance(bias, SplashMask):
+    from artifex_dpo.models.splash import splash_attention  # Pallas: imported only when used
+
+    return splash_attention(q, k, v, bias.segment_ids, prefix_ids=bias.prefix_ids,
+                            sliding_window=config.sliding_window, mesh=config.attention_mesh,
+                            interpret=config.attention_impl == "splash_interpret")
+  return causal_attention(q, k, v, bias, config.attention_block)
+
+
+def attention_inputs(config: ModelConfig, segment_ids: jax.Array, positions: jax.Array,
+                     prefix_ids: jax.Array | None) -> jax.Array | SplashMask:
+  """What every layer's attention needs, built once per forward.
+
+  The splash path takes the ids themselves; the XLA path an additive ``[B, 1, T, T]`` bias. Shared
+  prompts (``prefix_ids``) with a sliding window stay on the XLA path: their window counts
+  positions, which the kernel's static mask (row indices) cannot follow across the branches.
+  """
+  if config.attention_impl != "xla":
+    if prefix_ids is None or config.sliding_window is None:
+      return SplashMask(segment_ids, prefix_ids)
+    _log_once("attention: shared prompts under a sliding window run the XLA attention, not the splash kernel")
+  mask = make_attention_mask(segment_ids, config.sliding_window, prefix_ids=prefix_ids,
+                             positions=None if prefix_ids is None else positions)
+  return attention_bias(mask)
+
+
 def decoder_layer(
     x: jax.Array,
     params: dict[str, jax.Array],
     *,
-    bias: jax.Array,
+    bias: jax.Array | SplashMask,
     rope: tuple[jax.Array, jax.Array],
     config: ModelConfig,
     lora: dict[str, tuple[jax.Array, jax.Array]] | None = None,
@@ -235,7 +270,8 @@ def decoder_layer(
     x: residual stream ``[B, T, D]`` in compute dtype.
     params: one layer's weights (the per-layer slice of :class:`DecoderLayers`).
     bias: float32 ``[B, 1, T, T]`` attention bias (:func:`attention_bias` of
-      :func:`make_attention_mask`), shared by all layers.
+      :func:`make_attention_mask`), or a :class:`SplashMask` (see :func:`attention_inputs`),
+      shared by all layers.
     rope: ``(cos, sin)`` from :func:`rope_tables`, shared by all layers.
     config: the model config.
     lora: per projection name, this layer's LoRA factors ``(A [*in, r], B [r, *out])``, or None;
@@ -268,7 +304,7 @@ def decoder_layer(
   if "q_bias" in w:
     q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
   q, k = rotate(q, *rope), rotate(k, *rope)
-  attn = causal_attention(q, k, v, bias, config.attention_block)
+  attn = attend(q, k, v, bias, config)
   x = x + dense("btnh,nhd->btd", attn, "o_proj")
   h = rms_norm(x, w["post_attention_norm"], config.rms_norm_eps, dt)
   gate = dense("btd,df->btf", h, "gate_proj")
@@ -384,7 +420,7 @@ class DecoderLayers(nnx.Module):
       self,
       x: jax.Array,
       *,
-      bias: jax.Array,
+      bias: jax.Array | SplashMask,
       rope: tuple[jax.Array, jax.Array],
   ) -> jax.Array:
     """Runs every layer with ``jax.lax.scan`` (remat per the config)."""
@@ -464,9 +500,7 @@ class LlamaModel(nnx.Module):
     if positions is None:
       positions = default_positions(segment_ids)
     # Built once and shared by every layer: the mask as an additive bias, RoPE's cos/sin tables.
-    mask = make_attention_mask(segment_ids, config.sliding_window, prefix_ids=prefix_ids,
-                               positions=None if prefix_ids is None else positions)
-    bias = attention_bias(mask)
+    bias = attention_inputs(config, segment_ids, positions, prefix_ids)
     rope = rope_tables(positions, rope_frequencies(config), dt)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     x = self.layers(x, bias=bias, rope=rope, **(layer_options or {}))
