@@ -66,15 +66,18 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   dpo_cfg = config_lib.dpo_config(c)
   tx, _ = build_optimizer(c)
   keep_ref = dpo_cfg.needs_reference and not c.dpo.precompute_ref_logps
+  lora = config_lib.lora_config(c)
   spec = state_lib.build_state_spec(mcfg, tx, mesh, init_seed=c.model.init_seed,
-                                    ref_dtype=c.model.ref_dtype if keep_ref else None)
+                                    ref_dtype=c.model.ref_dtype if keep_ref else None, lora=lora,
+                                    reference_is_base=not c.model.ref_hf_checkpoint)
   length = c.data.max_length
   batch = state_lib.abstract_batch(mesh, c.train.global_batch_size, length)
   step = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
   with_sharding = lambda tree, sh: jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
   state = with_sharding(spec.abstract_state, spec.shardings)
-  ref = with_sharding(spec.abstract_ref, spec.ref_shardings) if keep_ref else None
+  # None also for LoRA's base reference (the policy's own frozen weights, adapters off).
+  ref = with_sharding(spec.abstract_ref, spec.ref_shardings) if spec.abstract_ref is not None else None
   t0 = time.time()
   compiled = step.lower(state, ref, batch).compile()
   compile_s = time.time() - t0
@@ -88,7 +91,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   flops_per_device = float(cost.get("flops", 0.0))
   bytes_per_device = float(cost.get("bytes accessed", 0.0))
   tokens = 2 * c.train.global_batch_size * length
-  model_flops = tokens * forward_flops_per_token(mcfg, length) * (3.0 + (1.0 if keep_ref else 0.0))
+  policy = 2.0 if lora is not None else 3.0  # LoRA: no gradient of the frozen base weights
+  model_flops = tokens * forward_flops_per_token(mcfg, length) * (policy + (1.0 if keep_ref else 0.0))
   roofline = max(model_flops / (peak * len(devices)), flops_per_device / peak, bytes_per_device / bandwidth)
   return {
       "topology": topology,

@@ -7,7 +7,8 @@ it when complete, so a checkpoint is complete or invisible; a restart loads the 
 restores completely (:meth:`Checkpointer.restore_latest`): a damaged one (a file truncated or
 deleted, its metadata gone, an empty step folder) is renamed to ``<step>.damaged-<UTC time>``
 (never deleted) with one warning line, and the one before it is used. The reference model is never
-saved: it is rebuilt from its source.
+saved: it is rebuilt from its source. With LoRA the caller saves only the adapters and their
+optimizer state (``models.lora.checkpointed``): the frozen base is rebuilt from its source too.
 
 Multi-host: every process calls ``save`` with the same step (the decision depends only on the
 step and on values that every process agrees on) because saving is a collective.

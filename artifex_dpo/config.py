@@ -110,7 +110,14 @@ DOCS: dict[str, str] = {
     "mesh.dcn.data": "data-parallel axis size across slices (-1: fill)",
     "mesh.dcn.fsdp": "FSDP axis size across slices",
     "mesh.dcn.tensor": "tensor-parallel axis size across slices",
+    "lora.rank": "LoRA rank r: train low-rank adapters on a frozen base (0: off, full training)",
+    "lora.alpha": "LoRA scale numerator: the update is (alpha / rank) * x A B",
+    "lora.targets": "regex over layer weight paths (layers/q_proj ... layers/down_proj) that get adapters",
+    "lora.dropout": "dropout rate on the adapter inputs in training steps (PEFT's lora_dropout), in [0, 1)",
+    "lora.base_dtype": "storage of the frozen base: bfloat16 | float32 | int8 | nf4 (int8 / nf4: QLoRA)",
     "export.hf": "export the final policy in Hugging Face format to workdir/export",
+    "export.format": "hf: full HF weights (with LoRA: adapters merged in) | merged: the same, LoRA only | "
+                     "peft: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), LoRA only",
     "export.dtype": "dtype of the exported weights: float32 | bfloat16",
 }
 
@@ -134,7 +141,9 @@ def default_config() -> ml_collections.ConfigDict:
                  lease_timeout_s=120.0, compilation_cache="workdir")
   c.checkpoint = dict(save_every=0, max_to_keep=3, async_save=True, allow_change=False)
   c.mesh = dict(ici=dict(data=1, fsdp=-1, tensor=1), dcn=dict(data=-1, fsdp=1, tensor=1))
-  c.export = dict(hf=False, dtype="float32")
+  c.lora = dict(rank=0, alpha=16.0, targets=r"layers/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
+                dropout=0.0, base_dtype="bfloat16")
+  c.export = dict(hf=False, dtype="float32", format="hf")
   return c
 
 
@@ -239,6 +248,18 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   if not 0.0 <= c.optim.end_lr_fraction <= 1.0:
     raise ConfigError("optim.end_lr_fraction", f"must be in [0, 1], got {c.optim.end_lr_fraction}")
   _choice(c, "export.dtype", ("float32", "bfloat16"))
+  _choice(c, "export.format", ("hf", "merged", "peft"))
+  rank = c.lora.rank
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    raise ConfigError("lora.rank", f"must be an int >= 0, got {rank!r}")
+  if rank:
+    try:
+      lora_config(c)
+    except ValueError as e:
+      m = re.search(r"LoraConfig\.(\w+)", str(e))
+      raise ConfigError(f"lora.{m.group(1)}" if m else "lora", str(e)) from None
+  elif c.export.format != "hf":
+    raise ConfigError("export.format", f"{c.export.format!r} exports adapters: it needs lora.rank > 0")
   for axis in ("data", "fsdp", "tensor"):
     for level in ("ici", "dcn"):
       key = f"mesh.{level}.{axis}"
@@ -274,6 +295,16 @@ def _check_files(c: ml_collections.ConfigDict) -> None:
   if not tok and not c.model.hf_checkpoint:
     raise ConfigError("data.tokenizer", "unset, and no model.hf_checkpoint to take one from (use 'byte' for the "
                                         "built-in byte tokenizer)")
+
+
+def lora_config(c: ml_collections.ConfigDict):
+  """The LoraConfig from the ``lora.*`` keys, or None when ``lora.rank`` is 0 (full training)."""
+  if not c.lora.rank:
+    return None
+  from artifex_dpo.models.lora import LoraConfig
+
+  return LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=c.lora.targets, dropout=c.lora.dropout,
+                    base_dtype=c.lora.base_dtype)
 
 
 def dpo_config(c: ml_collections.ConfigDict):

@@ -24,6 +24,7 @@ from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
 from artifex_dpo import storage
 from artifex_dpo.data import PreferenceDataset, eval_batches
+from artifex_dpo.models.lora import frozen
 from artifex_dpo.trainer import concat_sides, token_log_probs
 
 
@@ -57,9 +58,14 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
   mesh = spec.mesh
   table = np.zeros((len(dataset), 2), np.float32)
   chunk_size *= sharding.batch_parallelism(mesh)  # tokens per device (see state.per_device_chunks)
+  # LoRA: ``ref_state`` is the policy's state and the reference its base with the adapters off.
+  ref_shardings = spec.shardings if spec.reference_is_base else spec.ref_shardings
 
   def sums(ref_state, batch):
-    ref = nnx.merge(spec.ref_graphdef, ref_state)
+    if spec.reference_is_base:
+      ref = nnx.merge(spec.graphdef, ref_state)[0].base_view()
+    else:
+      ref = nnx.merge(spec.ref_graphdef, ref_state)
     both = concat_sides(batch)
     logps, _ = token_log_probs(ref, both.sequences, both.segment_ids, None, chunk_size)
     s = losses.sequence_stats(logps, both.response_mask).logp_sum
@@ -74,7 +80,7 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
     if key not in compiled:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       compiled[key] = memory.compile_now(
-          jax.jit(sums, in_shardings=(spec.ref_shardings, state_lib.batch_shardings(batch)),
+          jax.jit(sums, in_shardings=(ref_shardings, state_lib.batch_shardings(batch)),
                   out_shardings=replicated), ref_state, batch)
     with mesh:
       out = np.asarray(jax.device_get(compiled[key](ref_state, batch)))
@@ -86,7 +92,8 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
 
 def load_or_compute(workdir: str, name: str, spec, ref_state, dataset: PreferenceDataset, **kwargs) -> np.ndarray:
   """The cached table for this data and these reference weights, computed (and saved) if absent."""
-  key = cache_key(dataset, weights_fingerprint(ref_state), kwargs["chunk_size"])
+  weights = frozen(ref_state) if spec.reference_is_base else ref_state  # LoRA: the base only
+  key = cache_key(dataset, weights_fingerprint(weights), kwargs["chunk_size"])
   path = storage.join(workdir, "ref_logps", f"{name}-{key}.npz")
   if storage.isfile(path):
     with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:

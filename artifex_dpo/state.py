@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from artifex_dpo import sharding
 from artifex_dpo.dpo_config import DPOConfig
 from artifex_dpo.models import LlamaModel, load_hf_params
+from artifex_dpo.models import lora as lora_lib
 from artifex_dpo.models.config import ModelConfig
 from artifex_dpo.trainer import make_loss_fn, make_train_step
 from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
@@ -34,7 +35,9 @@ class StateSpec:
     graphdef: graph definition of ``(policy, optimizer)``.
     abstract_state: its state, as ShapeDtypeStructs.
     shardings: NamedShardings of ``abstract_state``.
-    ref_graphdef: graph definition of the reference model (None: no reference in memory).
+    lora: the adapter settings (None: full training).
+    ref_graphdef: graph definition of the reference model (None: no reference in memory;
+      ``lora.BASE``: the policy's own base, adapters off).
     abstract_ref: the reference's parameters, abstract (None without reference).
     ref_shardings: their NamedShardings (None without reference).
   """
@@ -46,32 +49,49 @@ class StateSpec:
   graphdef: Any
   abstract_state: Any
   shardings: Any
+  lora: lora_lib.LoraConfig | None = None
   ref_graphdef: Any = None
   abstract_ref: Any = None
   ref_shardings: Any = None
 
   def create(self, params: Any = None) -> tuple[LlamaModel, nnx.Optimizer]:
-    """Builds (policy, optimizer) inside a trace; ``params`` replace the random initial weights."""
-    model = LlamaModel(self.model_config, rngs=nnx.Rngs(self.init_seed))
-    if params is not None:
-      nnx.update(model, params)
+    """Builds (policy, optimizer) inside a trace; ``params`` replace the random initial (base) weights.
+
+    Only ``nnx.Param``s are optimized: all weights in full training, the adapters with LoRA.
+    """
+    if self.lora is not None:
+      model = lora_lib.LoraLlamaModel(self.model_config, self.lora, rngs=nnx.Rngs(self.init_seed),
+                                      base_params=params)
+    else:
+      model = LlamaModel(self.model_config, rngs=nnx.Rngs(self.init_seed))
+      if params is not None:
+        nnx.update(model, params)
     return model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+
+  @property
+  def reference_is_base(self) -> bool:
+    return isinstance(self.ref_graphdef, str) and self.ref_graphdef == lora_lib.BASE
 
 
 def build_state_spec(model_config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
-                     init_seed: int = 0, ref_dtype: str | None = None) -> StateSpec:
+                     init_seed: int = 0, ref_dtype: str | None = None, lora: lora_lib.LoraConfig | None = None,
+                     reference_is_base: bool = False) -> StateSpec:
   """Describes the state; ``ref_dtype`` None means no reference model is kept in memory.
 
+  With ``lora`` and ``reference_is_base`` (and a ``ref_dtype``: a reference is needed) the
+  reference is the policy's frozen base with the adapters off: no second copy of any weight.
   With the splash attention the model config also carries the mesh, which the kernel
   is ``shard_map``-ed over.
   """
   if model_config.attention_impl != "xla":
     model_config = dataclasses.replace(model_config, attention_mesh=mesh)
   spec = StateSpec(mesh=mesh, model_config=model_config, tx=tx, init_seed=init_seed, graphdef=None,
-                   abstract_state=None, shardings=None)
+                   abstract_state=None, shardings=None, lora=lora)
   spec.graphdef, spec.abstract_state = nnx.split(nnx.eval_shape(spec.create))
   spec.shardings = sharding.state_shardings(spec.abstract_state, mesh)
-  if ref_dtype is not None:
+  if ref_dtype is not None and lora is not None and reference_is_base:
+    spec.ref_graphdef = lora_lib.BASE
+  elif ref_dtype is not None:
     ref_config = dataclasses.replace(model_config, param_dtype=ref_dtype)
     spec.ref_graphdef, spec.abstract_ref = nnx.split(nnx.eval_shape(lambda: LlamaModel(ref_config, rngs=nnx.Rngs(0))))
     spec.ref_shardings = sharding.state_shardings(spec.abstract_ref, mesh)
@@ -79,6 +99,10 @@ def build_state_spec(model_config: ModelConfig, tx: optax.GradientTransformation
 
 
 def _abstract_policy(spec: StateSpec) -> LlamaModel:
+  """The abstract model whose Params a HF checkpoint fills (the plain base model with LoRA)."""
+  if spec.lora is not None:  # read in the base's float dtype: bf16 for bf16 / int8 / nf4 bases (half the bytes)
+    config = spec.model_config.replace(param_dtype="float32" if spec.lora.base_dtype == "float32" else "bfloat16")
+    return nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(spec.init_seed)))
   return nnx.eval_shape(lambda: spec.create()[0])
 
 
@@ -98,7 +122,7 @@ def init_state(spec: StateSpec, hf_checkpoint: str | None = None) -> nnx.State:
 
 def init_reference(spec: StateSpec, state: nnx.State, ref_hf_checkpoint: str | None = None) -> nnx.State | None:
   """The frozen reference: an HF checkpoint, or a copy of the policy's current weights in ref dtype."""
-  if spec.ref_graphdef is None:
+  if spec.ref_graphdef is None or spec.reference_is_base:
     return None
   if ref_hf_checkpoint:
     abstract_ref = nnx.merge(spec.ref_graphdef, spec.abstract_ref)

@@ -35,6 +35,7 @@ from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eva
 from artifex_dpo.data import cache as data_cache
 from artifex_dpo.data.synthetic import write_synthetic
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
+from artifex_dpo.models import lora as lora_lib
 from artifex_dpo.models.attention import resolve_attention_impl
 from artifex_dpo.models.hf import clean_stale_exports
 from artifex_dpo.models.config import ModelConfig
@@ -45,7 +46,7 @@ _FROZEN_KEYS = ("model.preset", "model.hf_checkpoint", "model.param_dtype", "dat
                 "data.share_prompt", "data.pack_length", "data.max_pairs_per_row",
                 "data.tokenizer", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
                 "data.seed", "data.shuffle", "data.synthetic_pairs", "data.eval_split",
-                "train.global_batch_size")
+                "train.global_batch_size", "lora.rank", "lora.alpha", "lora.targets", "lora.base_dtype")
 
 
 # ------------------------------------------------------------------------------------------
@@ -130,9 +131,9 @@ def build_optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
   if o.warmup_steps:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), after],
                                     [o.warmup_steps])
-  # Weight decay on the weight matrices only (every one has an "embed" axis); norms and the q/k/v
-  # biases are excluded.
-  decay_mask = lambda params: jax.tree.map(lambda p: "embed" in _axes(p), params,
+  # Weight decay on the weight matrices only (every one has an "embed" axis) and on LoRA factors;
+  # norms and the q/k/v biases are excluded.
+  decay_mask = lambda params: jax.tree.map(lambda p: bool({"embed", "lora_rank"} & set(_axes(p))), params,
                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
   if o.name == "adamw":
     core = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
@@ -193,8 +194,10 @@ class Setup:
     pairs = float(local.get("global_num_pairs", c.train.global_batch_size))
     # Attention FLOPs follow the real sequence lengths, not the padded or packed row length.
     mean_len = max(1, round(tokens / (2 * pairs)))
-    ref_forward = 1.0 if self.ref_state is not None else 0.0
-    return tokens, pairs, computed * forward_flops_per_token(self.model_config, mean_len) * (3.0 + ref_forward)
+    ref_forward = 1.0 if self.ref_state is not None or self.spec.reference_is_base else 0.0
+    # LoRA's backward computes no gradient of the (frozen) base weights: forward + input gradients.
+    policy = 2.0 if self.spec.lora is not None else 3.0
+    return tokens, pairs, computed * forward_flops_per_token(self.model_config, mean_len) * (policy + ref_forward)
 
 
 def compilation_cache_dir(c, workdir: str) -> str | None:
@@ -249,8 +252,10 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
                                         f"batch shards (mesh data x fsdp) and {jax.process_count()} processes")
   dpo_cfg = config_lib.dpo_config(c)
   tx, schedule = build_optimizer(c)
+  lora = config_lib.lora_config(c)
   spec = state_lib.build_state_spec(mcfg, tx, mesh, init_seed=c.model.init_seed,
-                                    ref_dtype=c.model.ref_dtype if dpo_cfg.needs_reference else None)
+                                    ref_dtype=c.model.ref_dtype if dpo_cfg.needs_reference else None,
+                                    lora=lora, reference_is_base=not c.model.ref_hf_checkpoint)
   try:
     state = state_lib.init_state(spec, c.model.hf_checkpoint)
   except ValueError as e:  # a bad model folder: missing or mismatched tensors, an index pointing elsewhere
@@ -261,11 +266,12 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   except ValueError as e:
     raise config_lib.ConfigError("model.ref_hf_checkpoint", str(e).splitlines()[0]) from None
   train_ref = eval_ref = None
-  if c.dpo.precompute_ref_logps and ref_state is not None:
+  if c.dpo.precompute_ref_logps and (ref_state is not None or spec.reference_is_base):
     kw = dict(batch_size=c.train.eval_batch_size, pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
               chunk_size=c.dpo.logits_chunk_size)
-    train_ref = reference.load_or_compute(workdir, "train", spec, ref_state, train_ds, **kw)
-    eval_ref = reference.load_or_compute(workdir, "eval", spec, ref_state, eval_ds, **kw) if eval_ds else None
+    scorer = state if spec.reference_is_base else ref_state  # LoRA: the policy's base, adapters off
+    train_ref = reference.load_or_compute(workdir, "train", spec, scorer, train_ds, **kw)
+    eval_ref = reference.load_or_compute(workdir, "eval", spec, scorer, eval_ds, **kw) if eval_ds else None
     # From here on no reference model is held in memory and the step runs no reference forward.
     spec = dataclasses.replace(spec, ref_graphdef=None, abstract_ref=None, ref_shardings=None)
     ref_state = None
@@ -289,11 +295,17 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
                                        async_save=c.checkpoint.async_save)
   resolved = json.loads(c.to_json())
   meta = {"config": resolved, "train_fingerprint": train_ds.fingerprint()}
+  # LoRA checkpoints hold the adapters and their optimizer state, not the base (rebuilt from its
+  # source on every start); the base's fingerprint ties a checkpoint to the base it was trained on.
+  saved_part = lora_lib.checkpointed if spec.lora is not None else (lambda s: s)
+  if spec.lora is not None:
+    meta["base_fingerprint"] = reference.weights_fingerprint(lora_lib.frozen(state))
   start = 0
-  resumed = checkpointer.restore_latest(spec.abstract_state, spec.shardings,
+  resumed = checkpointer.restore_latest(saved_part(spec.abstract_state), saved_part(spec.shardings),
                                         check_meta=lambda saved, path: _check_config_change(saved, meta, c, path))
   if resumed is not None:
-    latest, state, saved_meta = resumed
+    latest, restored, saved_meta = resumed
+    state = nnx.State.merge(state, restored) if spec.lora is not None else restored
     start = int(saved_meta["step"])
     counters["train/nonfinite_steps"] = int(saved_meta.get("counters", {}).get("train/nonfinite_steps", 0))
     logging.info("resumed from %s/%d", checkpointer.directory, latest)
@@ -346,7 +358,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   def save(step: int) -> None:
     # A collective: every process calls it for the same step (the decision depends only on the
     # step number and on the preemption sync point, which all processes agree on).
-    checkpointer.save(step, state, dict(meta, step=step, counters=counters))
+    checkpointer.save(step, saved_part(state), dict(meta, step=step, counters=counters))
 
   # --- Loop -----------------------------------------------------------------------------------
   # SIGTERM / SIGINT: main installed the handlers at its first line; a library call gets them here.
@@ -446,9 +458,16 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
       if exit_code == EXIT_OK and c.export.hf:
         model = nnx.merge(spec.graphdef, state)[0]
         tok_dir = _tokenizer_dir(c)
-        export_hf(model, storage.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir,
-                  info={"step": step, "checkpoint": f"{checkpointer.directory}/{step}"})
-        logging.info("exported the policy at step %d to %s", step, storage.join(workdir, "export"))
+        out_dir = storage.join(workdir, "export")
+        if spec.lora is not None and c.export.format == "peft":
+          lora_lib.export_peft(model, out_dir, dtype=c.export.dtype, base_model_name_or_path=c.model.hf_checkpoint,
+                               info={"step": step, "checkpoint": f"{checkpointer.directory}/{step}"})
+        else:
+          if spec.lora is not None:
+            model = lora_lib.merged_model(model)
+          export_hf(model, out_dir, dtype=c.export.dtype, tokenizer_dir=tok_dir,
+                    info={"step": step, "checkpoint": f"{checkpointer.directory}/{step}"})
+        logging.info("exported the policy at step %d to %s", step, out_dir)
       logging.info("process %d of %d read %d training pairs", jax.process_index(), jax.process_count(), pairs_read)
   finally:
     if own_signals:
@@ -496,6 +515,13 @@ def _upload_profile(local: str, workdir: str) -> None:
 
 
 def _check_config_change(saved: dict, current: dict, c, path: str) -> None:
+  if ("base_fingerprint" in current) != ("base_fingerprint" in saved):
+    raise config_lib.ConfigError("lora.rank", f"checkpoint {path} is of {'full' if 'base_fingerprint' in current else 'LoRA'}"
+                                              " training; this run is not")
+  if "base_fingerprint" in current and saved["base_fingerprint"] != current["base_fingerprint"]:
+    # Not overridable: adapters trained on other base weights are meaningless on these.
+    raise config_lib.ConfigError("model.hf_checkpoint", f"the base weights differ from those checkpoint {path} was "
+                                                        "trained on (LoRA adapters only fit their own base)")
   if c.checkpoint.allow_change:
     return
   for key in _FROZEN_KEYS:

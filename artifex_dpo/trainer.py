@@ -22,6 +22,21 @@ from artifex_dpo.dpo_config import DPOConfig
 from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
 
 Metrics = dict[str, jax.Array]
+# reference_model / ref_graphdef value meaning "the policy's frozen base, adapters off" (LoRA).
+BASE_REFERENCE = "base"
+
+
+def _is_base(ref: Any) -> bool:
+  return isinstance(ref, str) and ref == BASE_REFERENCE
+
+
+def _reference(ref_graphdef: Any, ref_state: Any, policy: Any) -> Any:
+  """The reference model of a step: None, the policy's base view (LoRA), or the merged reference."""
+  if ref_graphdef is None:
+    return None
+  if _is_base(ref_graphdef):
+    return policy.base_view()
+  return nnx.merge(ref_graphdef, ref_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +292,7 @@ def make_loss_fn(
     model = nnx.merge(graphdef, state)
     if isinstance(model, tuple):
       model = model[0]
-    ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+    ref = _reference(ref_graphdef, ref_state, model)
     return dpo_loss(model, ref, batch, settings, chunk_size=config.logits_chunk_size, normalizers=normalizers)
 
   return loss_fn
@@ -311,16 +326,22 @@ def make_train_step(
     # Arrays are immutable: keep the incoming ones (merge may reuse the state's Variables).
     old_leaves = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
+    # LoRA adapter dropout: one key per step (its counter is model state, so resume is bitwise).
+    dropout_key = model.next_dropout_key() if callable(getattr(model, "next_dropout_key", None)) else None
     m_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+    ref = None if _is_base(ref_graphdef) else _reference(ref_graphdef, ref_state, None)
 
     # Counted over the whole global batch (under jit a sum over the sharded batch is a global
     # reduction, so every device and process uses the same counts), handed to every microbatch.
     normalizers = batch_normalizers(batch)
 
-    def loss_of(p, rest_state, micro):
+    def loss_of(p, rest_state, micro, index=0):
       m = nnx.merge(m_graphdef, p, rest_state)
-      loss, metrics = dpo_loss(m, ref, micro, settings, chunk_size=config.logits_chunk_size,
+      # LoRA's base reference reads only frozen (non-Param) weights: nothing flows back from it.
+      reference = m.base_view() if _is_base(ref_graphdef) else ref
+      # LoRA: the training forward applies adapter dropout (evaluation never does), a mask per microbatch.
+      policy = m if dropout_key is None else m.training_view(jax.random.fold_in(dropout_key, index))
+      loss, metrics = dpo_loss(policy, reference, micro, settings, chunk_size=config.logits_chunk_size,
                                normalizers=normalizers)
       _, _, new_rest = nnx.split(m, nnx.Param, ...)  # e.g. advanced dropout RNG counters
       return loss, (metrics, new_rest)
@@ -331,13 +352,14 @@ def make_train_step(
     else:
       micro = _microbatches(batch, grad_accum_steps)
 
-      def body(carry, mb):
+      def body(carry, xs):
         grads_acc, rest_state = carry
-        (_, (m, rest_state)), g = grad_fn(params, rest_state, mb)
+        mb, index = xs
+        (_, (m, rest_state)), g = grad_fn(params, rest_state, mb, index)
         return (jax.tree.map(jnp.add, grads_acc, g), rest_state), m
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, rest), per_micro = jax.lax.scan(body, (zeros, rest), micro)
+      (grads, rest), per_micro = jax.lax.scan(body, (zeros, rest), (micro, jnp.arange(grad_accum_steps)))
       # Each microbatch's loss, gradient and metrics are its share of the whole batch's: sums.
       metrics = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_micro)
       loss = metrics["loss"]
@@ -367,9 +389,12 @@ class DPOTrainer:
   Args:
     model: the policy, an ``nnx.Module`` mapping int tokens ``[B, T]`` to logits ``[B, T, V]``
       (or exposing ``hidden_states``/``unembedding`` like ``artifex_dpo.models.LlamaModel``).
-    reference_model: the frozen reference, or None when ``config.reference_free``, when
-      ``config.precompute_ref_logps`` (batches carry reference log-probs), or when no configured
-      loss reads the reference (``simpo``, ``sft``).
+    reference_model: the frozen reference; ``"base"`` (:data:`BASE_REFERENCE`) for a LoRA model
+      (``artifex_dpo.models.lora.LoraLlamaModel``): the reference is the model's own frozen base
+      with the adapters off (no second copy of the weights); or None when
+      ``config.reference_free``, when ``config.precompute_ref_logps`` (batches carry reference
+      log-probs), or when no configured loss reads the reference (``simpo``, ``sft``). None is
+      never read as "the base": a LoRA model whose loss needs a reference must say ``"base"``.
     optimizer: an ``nnx.Optimizer`` over ``model``'s parameters.
     config: the loss configuration.
     grad_accum_steps: microbatches per update (the batch size, or the number of packed rows,
@@ -393,9 +418,15 @@ class DPOTrainer:
     if reference_model is None and self.config.needs_reference and not self.config.precompute_ref_logps:
       raise ValueError(
           "DPOTrainer: reference_model is None but the loss "
-          f"{','.join(self.config.loss_types)} needs a reference; pass a reference model, set "
+          f"{','.join(self.config.loss_types)} needs a reference; pass a reference model (or "
+          "reference_model='base' for a LoRA model: its base with the adapters off), set "
           "DPOConfig.reference_free=True, or set DPOConfig.precompute_ref_logps=True and give batches "
           "reference_log_probs")
+    if _is_base(reference_model) and not callable(getattr(model, "base_view", None)):
+      raise ValueError(f"DPOTrainer: reference_model='base' needs a LoRA model with base_view() "
+                       f"(artifex_dpo.models.lora.LoraLlamaModel), got {type(model).__name__}")
+    if isinstance(reference_model, str) and not _is_base(reference_model):
+      raise ValueError(f"DPOTrainer: reference_model must be a model, 'base' or None, got {reference_model!r}")
     check_accumulation(self.config, grad_accum_steps)
     self.model = model
     self.reference_model = None if self.config.reference_free else reference_model
@@ -404,14 +435,17 @@ class DPOTrainer:
     self._graphdef, _ = nnx.split((model, optimizer))
     self._model_graphdef, _ = nnx.split(model)
     self._ref_graphdef, self._ref_state = (None, None)
-    if self.reference_model is not None:
+    if _is_base(self.reference_model):
+      self._ref_graphdef = BASE_REFERENCE
+    elif self.reference_model is not None:
       self._ref_graphdef, self._ref_state = nnx.split(self.reference_model)
     self.step_fn = make_train_step(self._graphdef, self._ref_graphdef, self.config,
                                    grad_accum_steps=grad_accum_steps)
     self._train_step = jax.jit(self.step_fn)
     self._eval_step = jax.jit(make_loss_fn(self._model_graphdef, self._ref_graphdef, self.config))
     self._plain_model = not accepts_segment_ids(model) or (
-        self.reference_model is not None and not accepts_segment_ids(self.reference_model))
+        self.reference_model is not None and not _is_base(self.reference_model)
+        and not accepts_segment_ids(self.reference_model))
 
   def _check_batch(self, batch: PreferenceBatch | PackedPreferenceBatch) -> None:
     if not isinstance(batch, (PreferenceBatch, PackedPreferenceBatch)):

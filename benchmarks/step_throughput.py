@@ -106,6 +106,8 @@ def main(argv):
       "packing": bool(c.data.packing),
       "precompute_ref_logps": bool(c.dpo.precompute_ref_logps),
       "reference_in_memory": setup.ref_state is not None,
+      "lora_rank": int(c.lora.rank),
+      "lora_base_dtype": c.lora.base_dtype if c.lora.rank else None,
       "memory": memory,
       "devices": jax.device_count(),
       "backend": jax.default_backend(),

@@ -204,6 +204,29 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
   return jnp.concatenate(outs, axis=1)
 
 
+_PROJECTION_INDEX = {n: i for i, n in enumerate(
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
+
+
+def low_rank_update(eq: str, x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """``scale * (x A) B`` for a projection ``einsum(eq, x, W)``: the LoRA update of ``x W``.
+
+  Args:
+    eq: the projection's einsum, e.g. ``"btnh,nhd->btd"``.
+    x: its input.
+    a: ``[*in, r]`` over W's contracted (input) axes, in W's order.
+    b: ``[r, *out]`` over W's other (output) axes, in W's order.
+    scale: ``alpha / r``.
+  """
+  lhs, out = eq.split("->")
+  x_spec, w_spec = lhs.split(",")
+  contracted = "".join(c for c in w_spec if c in x_spec)
+  kept = "".join(c for c in x_spec if c not in contracted)
+  outputs = "".join(c for c in w_spec if c not in contracted)
+  down = jnp.einsum(f"{x_spec},{contracted}r->{kept}r", x, a)
+  return scale * jnp.einsum(f"{kept}r,r{outputs}->{out}", down, b)
+
+
 @functools.cache
 def _log_once(message: str) -> None:
   logging.warning("%s", message)
@@ -244,6 +267,9 @@ def decoder_layer(
     bias: jax.Array | SplashMask,
     rope: tuple[jax.Array, jax.Array],
     config: ModelConfig,
+    lora: dict[str, tuple[jax.Array, jax.Array]] | None = None,
+    lora_scale: float = 1.0,
+    lora_dropout: tuple[float, jax.Array] | None = None,
 ) -> jax.Array:
   """One pre-norm decoder layer (attention + SwiGLU MLP), pure.
 
@@ -255,25 +281,42 @@ def decoder_layer(
       shared by all layers.
     rope: ``(cos, sin)`` from :func:`rope_tables`, shared by all layers.
     config: the model config.
+    lora: per projection name, this layer's LoRA factors ``(A [*in, r], B [r, *out])``, or None;
+      a listed projection computes ``h W + lora_scale * (h A) B``
+      (see :mod:`artifex_dpo.models.lora`).
+    lora_scale: LoRA's ``alpha / rank``.
+    lora_dropout: ``(rate, key)``: inverted dropout on each adapter's input (an independent mask
+      per projection, as PEFT's ``lora_dropout``), or None.
 
   Returns:
     The updated residual stream, same shape and dtype.
   """
   dt = to_jnp_dtype(config.dtype)
   w = {k: v.astype(dt) for k, v in params.items()}
+
+  def dense(eq, h, name):
+    y = jnp.einsum(eq, h, w[name])
+    if lora and name in lora:
+      if lora_dropout is not None:
+        rate, key = lora_dropout
+        keep = jax.random.bernoulli(jax.random.fold_in(key, _PROJECTION_INDEX[name]), 1.0 - rate, h.shape)
+        h = jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h)).astype(h.dtype)
+      y = y + low_rank_update(eq, h, *lora[name], lora_scale)
+    return y
+
   h = rms_norm(x, w["input_norm"], config.rms_norm_eps, dt)
-  q = jnp.einsum("btd,dnh->btnh", h, w["q_proj"])
-  k = jnp.einsum("btd,dkh->btkh", h, w["k_proj"])
-  v = jnp.einsum("btd,dkh->btkh", h, w["v_proj"])
+  q = dense("btd,dnh->btnh", h, "q_proj")
+  k = dense("btd,dkh->btkh", h, "k_proj")
+  v = dense("btd,dkh->btkh", h, "v_proj")
   if "q_bias" in w:
     q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
   q, k = rotate(q, *rope), rotate(k, *rope)
   attn = attend(q, k, v, bias, config)
-  x = x + jnp.einsum("btnh,nhd->btd", attn, w["o_proj"])
+  x = x + dense("btnh,nhd->btd", attn, "o_proj")
   h = rms_norm(x, w["post_attention_norm"], config.rms_norm_eps, dt)
-  gate = jnp.einsum("btd,df->btf", h, w["gate_proj"])
-  up = jnp.einsum("btd,df->btf", h, w["up_proj"])
-  return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down_proj"])
+  gate = dense("btd,df->btf", h, "gate_proj")
+  up = dense("btd,df->btf", h, "up_proj")
+  return x + dense("btf,fd->btd", jax.nn.silu(gate) * up, "down_proj")
 
 
 def remat_policy(name: str) -> tuple[bool, Callable[..., bool] | None]:
@@ -437,6 +480,7 @@ class LlamaModel(nnx.Module):
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
       prefix_ids: jax.Array | None = None,
+      layer_options: dict[str, Any] | None = None,
   ) -> jax.Array:
     """Final-norm hidden states.
 
@@ -447,6 +491,7 @@ class LlamaModel(nnx.Module):
       positions: int32 ``[B, T]``; default :func:`default_positions` of segment_ids.
       prefix_ids: int32 ``[B, T]`` or None; per token, an earlier segment it also attends to
         (a shared prompt; see :func:`make_attention_mask`). Needs explicit ``positions``.
+      layer_options: extra keyword arguments of the layer stack (e.g. LoRA's ``adapters``).
 
     Returns:
       ``[B, T, D]`` in the compute dtype.
@@ -465,7 +510,7 @@ class LlamaModel(nnx.Module):
     bias = attention_inputs(config, segment_ids, positions, prefix_ids)
     rope = rope_tables(positions, rope_frequencies(config), dt)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-    x = self.layers(x, bias=bias, rope=rope)
+    x = self.layers(x, bias=bias, rope=rope, **(layer_options or {}))
     return rms_norm(x, self.final_norm[...], config.rms_norm_eps, dt)
 
   def __call__(
