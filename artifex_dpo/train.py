@@ -237,7 +237,7 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   train_ref = eval_ref = None
   if c.dpo.precompute_ref_logps and ref_state is not None:
     kw = dict(batch_size=c.train.eval_batch_size, pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
-              chunk_size=c.dpo.logits_chunk_size)
+              chunk_size=c.dpo.logits_chunk_size, ld_alpha=c.dpo.ld_alpha)
     train_ref = reference.load_or_compute(workdir, "train", spec, ref_state, train_ds, **kw)
     eval_ref = reference.load_or_compute(workdir, "eval", spec, ref_state, eval_ds, **kw) if eval_ds else None
     # From here on no reference model is held in memory and the step runs no reference forward.

@@ -61,24 +61,37 @@ def token_log_probs(
     positions: jax.Array | None,
     chunk_size: int,
     prefix_ids: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    with_log_sum_sq: bool = False,
+) -> tuple[jax.Array, ...]:
   """Per-token float32 log-probs and mean logits ``[B, T]`` of ``tokens`` under ``model``.
 
   Models with ``hidden_states``/``unembedding`` never build ``[B, T, V]`` float32 logits; other
   models are called as ``model(tokens)`` (plus ``segment_ids``/``positions`` when they accept
   them, and ``prefix_ids`` for shared-prompt rows) and must return logits ``[B, T, V]``.
+  ``with_log_sum_sq`` adds WPO's per-token ``log sum_v p_v^2`` as a third output.
   """
   extra = {} if prefix_ids is None else {"prefix_ids": prefix_ids}
   if supports_chunked_logits(model):
     hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions, **extra)
-    return losses.chunked_token_log_probs(hidden, model.unembedding(), tokens, chunk_size=chunk_size)
+    return losses.chunked_token_log_probs(hidden, model.unembedding(), tokens, chunk_size=chunk_size,
+                                          with_log_sum_sq=with_log_sum_sq)
   if accepts_segment_ids(model):
     logits = model(tokens, segment_ids=segment_ids, positions=positions, **extra)
   else:
     logits = model(tokens)
   if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
     raise ValueError(f"the model must map tokens {tuple(tokens.shape)} to logits [B, T, V], got {tuple(logits.shape)}")
-  return losses.token_log_probs_from_logits(logits, tokens)
+  return losses.token_log_probs_from_logits(logits, tokens, with_log_sum_sq=with_log_sum_sq)
+
+
+def continued_token_mask(segment_ids: jax.Array, prefix_ids: jax.Array | None = None) -> jax.Array:
+  """1 on real tokens predicted from a token of their own context: the token before is of the same
+  segment, or (shared-prompt rows) of the prompt segment the token attends to as its prefix."""
+  prev = segment_ids[:, :-1]
+  same = prev == segment_ids[:, 1:]
+  if prefix_ids is not None:
+    same = same | ((prefix_ids[:, 1:] > 0) & (prev == prefix_ids[:, 1:]))
+  return jnp.concatenate([jnp.zeros_like(same[:, :1]), same & (segment_ids[:, 1:] > 0)], axis=1)
 
 
 def _pad_to(x: jax.Array | None, length: int) -> jax.Array | None:
@@ -146,25 +159,36 @@ def dpo_loss(
     return _packed_dpo_loss(model, reference_model, batch, settings, chunk_size)
   both = concat_sides(batch)
   n = batch.chosen.batch_size
-  logps, logit_means = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size)
+  logps, logit_means, *lss = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size,
+                                             with_log_sum_sq=settings.use_weighting)
   mask = both.response_mask
-  policy = losses.sequence_stats(logps, mask, logit_means)
+  weights = None
+  if settings.ld_alpha is not None:  # LD-DPO: tokens beyond the pair's shorter response weigh ld_alpha
+    counts = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    shared = jnp.minimum(counts[:n], counts[n:])
+    rows = jnp.broadcast_to(jnp.arange(2 * n)[:, None], mask.shape)
+    weights = losses.ld_token_weights(mask, rows, jnp.concatenate([shared, shared]), settings.ld_alpha)
+  policy = losses.sequence_stats(logps, mask, logit_means, token_weights=weights,
+                                 log_sum_sq=lss[0] if lss else None)
   if both.reference_sequence_log_probs is not None and not settings.reference_free:
+    # Precomputed sums are used as given (the service's precompute applies LD-DPO's weights itself).
     ref = losses.SequenceStats(both.reference_sequence_log_probs.astype(jnp.float32), policy.num_tokens,
                                jnp.zeros_like(policy.logit_sum))
   else:
     ref_logps = _reference_token_log_probs(reference_model, both, settings, logps, chunk_size)
-    ref = losses.sequence_stats(ref_logps, mask)
+    ref = losses.sequence_stats(ref_logps, mask, token_weights=weights)
   ref = jax.tree.map(jax.lax.stop_gradient, ref)  # the reference is never differentiated
   split = lambda s: (jax.tree.map(lambda x: x[:n], s), jax.tree.map(lambda x: x[n:], s))
   (chosen, rejected), (ref_chosen, ref_rejected) = split(policy), split(ref)
   loss, metrics = losses.preference_loss(
-      settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask)
+      settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask,
+      chosen_sequence_mask=continued_token_mask(both.segment_ids[:n]))
   metrics["tokens"] = jnp.sum(both.segment_ids > 0).astype(jnp.float32)
   return loss, metrics
 
 
-def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tuple[losses.SequenceStats, ...]:
+def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch, *, ld_alpha: float | None = None,
+                  log_sum_sq: jax.Array | None = None) -> tuple[losses.SequenceStats, ...]:
   """Per-slot (chosen, rejected) statistics of packed rows: segment sums over ``[R * K]`` slots."""
   rows, _ = batch.sequences.shape
   k = batch.pair_mask.shape[1]
@@ -173,20 +197,29 @@ def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tu
   ids = jnp.where(side >= 0, slot * 2 + side, 2 * rows * k)  # prompts and padding -> one spare bucket
   mask = batch.response_mask.astype(jnp.float32)
 
-  def per_sequence(x):
-    summed = jax.ops.segment_sum((x * mask).reshape(-1), ids.reshape(-1), num_segments=2 * rows * k + 1)
+  def per_sequence(x, m=mask):
+    summed = jax.ops.segment_sum((x * m).reshape(-1), ids.reshape(-1), num_segments=2 * rows * k + 1)
     return summed[:-1].reshape(rows * k, 2)
 
-  logp, count = per_sequence(token_values), per_sequence(jnp.ones_like(mask))
+  count = per_sequence(jnp.ones_like(mask))
+  weighted = mask
+  if ld_alpha is not None:  # LD-DPO over packed sequences (each one contiguous in its row)
+    shared = jnp.min(count, axis=1)
+    per_id = jnp.concatenate([jnp.repeat(shared, 2), jnp.zeros((1,), shared.dtype)])
+    weighted = losses.ld_token_weights(mask, ids, per_id, ld_alpha)
+  logp = per_sequence(token_values, weighted)
   logits = per_sequence(logit_means) if logit_means is not None else jnp.zeros_like(logp)
-  return tuple(losses.SequenceStats(logp[:, i], count[:, i], logits[:, i]) for i in (0, 1))
+  wpo = None if log_sum_sq is None else jax.lax.stop_gradient(per_sequence(token_values - log_sum_sq))
+  return tuple(losses.SequenceStats(logp[:, i], count[:, i], logits[:, i], None if wpo is None else wpo[:, i])
+               for i in (0, 1))
 
 
 def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, settings, chunk_size):
-  forward = lambda m: token_log_probs(m, batch.sequences, batch.segment_ids, batch.positions, chunk_size,
-                                      batch.prefix_ids)
-  logps, logit_means = forward(model)
-  chosen, rejected = _packed_stats(logps, logit_means, batch)
+  forward = lambda m, wpo=False: token_log_probs(m, batch.sequences, batch.segment_ids, batch.positions, chunk_size,
+                                                 batch.prefix_ids, with_log_sum_sq=wpo)
+  logps, logit_means, *lss = forward(model, settings.use_weighting)
+  chosen, rejected = _packed_stats(logps, logit_means, batch, ld_alpha=settings.ld_alpha,
+                                   log_sum_sq=lss[0] if lss else None)
   if settings.reference_free or (batch.reference_sequence_log_probs is None and reference_model is None):
     ref_chosen = ref_rejected = losses.SequenceStats(jnp.zeros_like(chosen.logp_sum), chosen.num_tokens,
                                                      jnp.zeros_like(chosen.logp_sum))
@@ -195,13 +228,15 @@ def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, setti
     ref_chosen = losses.SequenceStats(ref[:, 0], chosen.num_tokens, jnp.zeros_like(ref[:, 0]))
     ref_rejected = losses.SequenceStats(ref[:, 1], rejected.num_tokens, jnp.zeros_like(ref[:, 1]))
   else:
-    ref_logps, _ = forward(reference_model)
-    ref_chosen, ref_rejected = _packed_stats(ref_logps, None, batch)
+    ref_logps = forward(reference_model)[0]
+    ref_chosen, ref_rejected = _packed_stats(ref_logps, None, batch, ld_alpha=settings.ld_alpha)
   ref_chosen, ref_rejected = jax.tree.map(jax.lax.stop_gradient, (ref_chosen, ref_rejected))  # never differentiated
   _, side = batch.slots_and_sides()
   chosen_mask = batch.response_mask * (side == 0).astype(batch.response_mask.dtype)
+  # ORPO's NLL: the whole chosen sequence (a shared prompt counts once, with its chosen branch).
+  sequence_mask = continued_token_mask(batch.segment_ids, batch.prefix_ids) & ((side == 0) | (side == -1))
   loss, metrics = losses.preference_loss(settings, chosen, rejected, ref_chosen, ref_rejected, logps, chosen_mask,
-                                         batch.pair_mask.reshape(-1))
+                                         batch.pair_mask.reshape(-1), chosen_sequence_mask=sequence_mask)
   # Tokens of both sequences of every pair, as the unpacked layout counts them (a shared prompt twice).
   metrics["tokens"] = (jnp.sum(side > -2) + jnp.sum(side == -1)).astype(jnp.float32)
   return loss, metrics

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from artifex_dpo import DPOConfig, losses
+from artifex_dpo.trainer import continued_token_mask
 
 torch = pytest.importorskip("torch")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -162,8 +163,6 @@ def _random_logits_batch(seed):
     length = rng.integers(prompt + 1, T + 1)
     attn[i, :length] = 1
     resp[i, prompt:length] = 1
-  if seed % 2:  # the same prompt lengths on both sides, as real pairs have
-    pass
   logits = rng.normal(0, 2.0, size=(2 * B, T, V)).astype(np.float32)
   return tokens * attn, attn, resp, logits
 
@@ -195,7 +194,7 @@ def _ours_from_logits(cfg, tokens, attn, resp, logits):
   stats = losses.sequence_stats(logps, jnp.asarray(resp), means)
   half = lambda st, i: jax.tree.map(lambda x: x[i * B:(i + 1) * B], st)
   zeros = losses.SequenceStats(jnp.zeros(B), stats.num_tokens[:B], jnp.zeros(B))
-  sequence_mask = (seg > 0) & jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], 1)
+  sequence_mask = continued_token_mask(seg)  # what the trainer passes for ORPO's NLL
   return losses.preference_loss(cfg.loss_settings(), half(stats, 0), half(stats, 1), zeros, zeros, logps[:B],
                                 jnp.asarray(resp[:B]), chosen_sequence_mask=sequence_mask[:B])
 
