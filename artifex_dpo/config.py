@@ -257,8 +257,6 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   if dpo_cfg.unpaired:
     raise ConfigError("dpo.loss_type", f"{c.dpo.loss_type!r} is unpaired (KTO): the service's data pipeline reads "
                                        "paired records only; use the library (DPOTrainer with an UnpairedBatch)")
-  if dpo_cfg.sync_ref_model:
-    raise ConfigError("dpo.sync_ref_model", "TR-DPO runs through the library (DPOTrainer) only so far")
 
 
 def _check_files(c: ml_collections.ConfigDict) -> None:

@@ -22,7 +22,7 @@ from artifex_dpo import sharding
 from artifex_dpo.dpo_config import DPOConfig
 from artifex_dpo.models import LlamaModel, load_hf_params
 from artifex_dpo.models.config import ModelConfig
-from artifex_dpo.trainer import make_loss_fn, make_train_step
+from artifex_dpo.trainer import make_loss_fn, make_train_step, mix_reference
 from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
 
 
@@ -142,6 +142,18 @@ def jit_eval_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch) ->
   replicated = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
   return jax.jit(lambda s, r, b: loss_fn(s, r, b)[1],
                  in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch)), out_shardings=replicated)
+
+
+def jit_sync_reference(spec: StateSpec, alpha: float) -> Callable:
+  """TR-DPO's ``(ref_state, state) -> ref_state``: the policy mixed into the reference, sharded like it
+  (each device mixes its own shards; nothing is gathered). The old reference buffers are donated."""
+
+  def sync(ref_state, state):
+    params = nnx.state(nnx.merge(spec.graphdef, state)[0], nnx.Param)
+    return mix_reference(ref_state, params, alpha)
+
+  return jax.jit(sync, in_shardings=(spec.ref_shardings, spec.shardings), out_shardings=spec.ref_shardings,
+                 donate_argnums=(0,))
 
 
 def _lookup(table: np.ndarray, indices: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ _FROZEN_KEYS = ("model.preset", "model.hf_checkpoint", "model.param_dtype", "dat
                 "data.share_prompt", "data.pack_length", "data.max_pairs_per_row",
                 "data.tokenizer", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
                 "data.seed", "data.shuffle", "data.synthetic_pairs", "data.eval_split",
-                "train.global_batch_size")
+                "train.global_batch_size", "dpo.sync_ref_model")
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,7 +265,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   if latest is not None:
     saved_meta = checkpointer.read_meta(latest)
     _check_config_change(saved_meta, meta, c, f"{checkpointer.directory}/{latest}")
-    state = checkpointer.restore(latest, spec.abstract_state, spec.shardings)
+    if dpo_cfg.sync_ref_model:  # TR-DPO: the reference is training state, saved with the policy
+      both = checkpointer.restore(latest, nnx.State({"train": spec.abstract_state, "reference": spec.abstract_ref}),
+                                  nnx.State({"train": spec.shardings, "reference": spec.ref_shardings}))
+      state, ref_state = both["train"], both["reference"]
+    else:
+      state = checkpointer.restore(latest, spec.abstract_state, spec.shardings)
     start = int(saved_meta["step"])
     counters["train/nonfinite_steps"] = int(saved_meta.get("counters", {}).get("train/nonfinite_steps", 0))
     logging.info("resumed from %s/%d", checkpointer.directory, latest)
@@ -314,7 +319,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   def save(step: int) -> None:
     # A collective: every process calls it for the same step (the decision depends only on the
     # step number and on the preemption sync point, which all processes agree on).
-    checkpointer.save(step, state, dict(meta, step=step, counters=counters))
+    saved = nnx.State({"train": state, "reference": ref_state}) if dpo_cfg.sync_ref_model else state
+    checkpointer.save(step, saved, dict(meta, step=step, counters=counters))
 
   # --- Loop -----------------------------------------------------------------------------------
   preemption = _Preemption()
@@ -353,6 +359,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     return True
 
   step, pairs_read = start, 0
+  sync_reference = None
   try:
     with mesh:
       for step_index, local in loader:
@@ -362,6 +369,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         batch = state_lib.global_batch(local, mesh, with_pair_mask=False, reference_table=train_ref)
         pairs_read += int(np.sum(local["pair_indices"] >= 0))
         state, m = compiled("train", batch)(state, ref_state, batch)
+        if dpo_cfg.sync_ref_model and step % dpo_cfg.ref_model_sync_steps == 0:
+          if sync_reference is None:
+            sync_reference = state_lib.jit_sync_reference(spec, float(dpo_cfg.ref_model_mixup_alpha))
+          ref_state = sync_reference(ref_state, state)  # TR-DPO, after the step (as TRL's callback)
         tokens, pairs, flops = setup.step_flops(local, c)
         steps_done += 1
         # The previous step's metrics are fetched only now, so the device always has work queued.

@@ -346,6 +346,18 @@ def make_train_step(
   return step
 
 
+def mix_reference(reference: Any, policy: Any, alpha: float) -> Any:
+  """TR-DPO (Gorbatovski et al. 2024): ``alpha * policy + (1 - alpha) * reference``, leaf by leaf.
+
+  Computed in float32 and stored in each reference leaf's dtype; ``alpha = 1`` is a hard copy.
+  ``reference`` and ``policy`` are parameter trees of the same structure.
+  """
+  def mix(r, p):
+    return ((1.0 - alpha) * r.astype(jnp.float32) + alpha * p.astype(jnp.float32)).astype(r.dtype)
+
+  return jax.tree.map(mix, reference, policy)
+
+
 # --------------------------------------------------------------------------------------------
 # The seed-compatible trainer
 # --------------------------------------------------------------------------------------------
@@ -386,6 +398,11 @@ class DPOTrainer:
           "reference_log_probs")
     if grad_accum_steps < 1:
       raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    if self.config.sync_ref_model and reference_model is not None:
+      shapes = lambda m: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+      if shapes(reference_model) != shapes(model):
+        raise ValueError("DPOConfig.sync_ref_model (TR-DPO) mixes the policy into the reference: they must have "
+                         "the same parameters (names and shapes)")
     self.model = model
     self.reference_model = None if self.config.reference_free else reference_model
     self.optimizer = optimizer
@@ -399,6 +416,9 @@ class DPOTrainer:
                                    grad_accum_steps=grad_accum_steps)
     self._train_step = jax.jit(self.step_fn)
     self._eval_step = jax.jit(make_loss_fn(self._model_graphdef, self._ref_graphdef, self.config))
+    self._updates = 0
+    alpha = float(self.config.ref_model_mixup_alpha)
+    self._sync = jax.jit(lambda r, p: mix_reference(r, p, alpha))
     self._plain_model = not accepts_segment_ids(model) or (
         self.reference_model is not None and not accepts_segment_ids(self.reference_model))
 
@@ -429,6 +449,12 @@ class DPOTrainer:
     state = nnx.state((self.model, self.optimizer))
     new_state, metrics = self._train_step(state, self._ref_state, batch)
     nnx.update((self.model, self.optimizer), new_state)
+    self._updates += 1
+    if self.config.sync_ref_model and self._updates % self.config.ref_model_sync_steps == 0:
+      # TR-DPO, as TRL's SyncRefModelCallback: after every ref_model_sync_steps-th update.
+      mixed = self._sync(nnx.state(self.reference_model, nnx.Param), nnx.state(self.model, nnx.Param))
+      nnx.update(self.reference_model, mixed)
+      self._ref_state = nnx.state(self.reference_model)
     return metrics["loss"], metrics
 
   def compute_loss(self, batch: PreferenceBatch | PackedPreferenceBatch) -> tuple[jax.Array, Metrics]:
