@@ -2,6 +2,6 @@
 
 from artifex_dpo.dpo_config import DPOConfig
 from artifex_dpo.trainer import DPOTrainer
-from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
+from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch, UnpairedBatch
 
-__all__ = ["DPOConfig", "DPOTrainer", "GeneratedSequenceBatch", "PreferenceBatch"]
+__all__ = ["DPOConfig", "DPOTrainer", "GeneratedSequenceBatch", "PreferenceBatch", "UnpairedBatch"]

@@ -19,7 +19,7 @@ from flax import nnx
 
 from artifex_dpo import losses
 from artifex_dpo.dpo_config import DPOConfig
-from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
+from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch, UnpairedBatch
 
 Metrics = dict[str, jax.Array]
 
@@ -157,6 +157,8 @@ def dpo_loss(
   """
   if isinstance(batch, PackedPreferenceBatch):
     return _packed_dpo_loss(model, reference_model, batch, settings, chunk_size)
+  if isinstance(batch, UnpairedBatch):
+    return _unpaired_loss(model, reference_model, batch, settings, chunk_size)
   both = concat_sides(batch)
   n = batch.chosen.batch_size
   logps, logit_means, *lss = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size,
@@ -184,6 +186,25 @@ def dpo_loss(
       settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask,
       chosen_sequence_mask=continued_token_mask(both.segment_ids[:n]))
   metrics["tokens"] = jnp.sum(both.segment_ids > 0).astype(jnp.float32)
+  return loss, metrics
+
+
+def _unpaired_loss(model, reference_model, batch: UnpairedBatch, settings, chunk_size):
+  """KTO: completions and their KL rows in one policy forward; the KL rows are not differentiated."""
+  n = batch.completions.batch_size
+  rows = batch.completions if batch.kl is None else concat_sides(PreferenceBatch(batch.completions, batch.kl))
+  logps, logit_means = token_log_probs(model, rows.sequences, rows.segment_ids, rows.positions, chunk_size)
+  policy = losses.sequence_stats(logps, rows.response_mask, logit_means)
+  if rows.reference_sequence_log_probs is not None:
+    ref_sums = rows.reference_sequence_log_probs.astype(jnp.float32)
+  else:
+    ref_sums = losses.sequence_stats(
+        _reference_token_log_probs(reference_model, rows, settings, logps, chunk_size), rows.response_mask).logp_sum
+  ref_sums = jax.lax.stop_gradient(ref_sums)  # the reference is never differentiated
+  kl_logps = None if batch.kl is None else jax.lax.stop_gradient(policy.logp_sum[n:])
+  loss, metrics = losses.unpaired_loss(settings, policy.logp_sum[:n], ref_sums[:n], batch.labels, kl_logps,
+                                       None if batch.kl is None else ref_sums[n:], batch.example_mask)
+  metrics["tokens"] = jnp.sum(rows.segment_ids > 0).astype(jnp.float32)
   return loss, metrics
 
 
@@ -422,8 +443,15 @@ class DPOTrainer:
     self._plain_model = not accepts_segment_ids(model) or (
         self.reference_model is not None and not accepts_segment_ids(self.reference_model))
 
-  def _check_batch(self, batch: PreferenceBatch | PackedPreferenceBatch) -> None:
-    if not isinstance(batch, (PreferenceBatch, PackedPreferenceBatch)):
+  def _check_batch(self, batch: PreferenceBatch | PackedPreferenceBatch | UnpairedBatch) -> None:
+    if self.config.unpaired:
+      if not isinstance(batch, UnpairedBatch):
+        raise ValueError(f"loss {','.join(self.config.loss_types)} is unpaired: train_step expects an UnpairedBatch "
+                         f"(artifex_dpo.data.unpaired builds one), got {type(batch).__name__}")
+      if "kto" in self.config.loss_types and batch.kl is None:
+        raise ValueError("loss 'kto' needs the batch's KL rows (UnpairedBatch.kl: mismatched prompt/completion "
+                         "pairs, see artifex_dpo.data.unpaired.make_unpaired_batch(with_kl=True))")
+    elif not isinstance(batch, (PreferenceBatch, PackedPreferenceBatch)):
       raise ValueError(f"train_step expects a PreferenceBatch or PackedPreferenceBatch, got {type(batch).__name__}")
     needs_ref_values = self.config.needs_reference and self.reference_model is None
     if needs_ref_values and not batch.has_reference_log_probs:
@@ -436,7 +464,10 @@ class DPOTrainer:
       if isinstance(batch, PackedPreferenceBatch):
         raise ValueError("packed rows need a model accepting segment_ids (e.g. artifex_dpo.models.LlamaModel)")
       # A model called as model(tokens) sees every token: only right padding keeps scores exact.
-      for side in ("chosen", "rejected"):
+      sides = ("completions", "kl") if isinstance(batch, UnpairedBatch) else ("chosen", "rejected")
+      for side in sides:
+        if getattr(batch, side) is None:
+          continue
         seg = np.asarray(getattr(batch, side).segment_ids)
         if np.any(seg > 1) or np.any(np.diff((seg > 0).astype(np.int8), axis=1) > 0):
           raise ValueError(
