@@ -254,9 +254,13 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   except ValueError as e:
     m = re.search(r"DPOConfig\.(\w+)", str(e))
     raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
-  if dpo_cfg.unpaired:
-    raise ConfigError("dpo.loss_type", f"{c.dpo.loss_type!r} is unpaired (KTO): the service's data pipeline reads "
-                                       "paired records only; use the library (DPOTrainer with an UnpairedBatch)")
+  if dpo_cfg.unpaired:  # KTO in the service: padded batches, live reference (what is not there yet is refused)
+    for key in ("data.packing", "data.pack_batches", "dpo.precompute_ref_logps", "data.skip_invalid"):
+      if _get(c, key):
+        raise ConfigError(key, f"is not supported with the unpaired loss {c.dpo.loss_type!r} (KTO) yet")
+    if "kto" in dpo_cfg.loss_types and c.train.global_batch_size // c.train.grad_accum_steps < 2:
+      raise ConfigError("train.global_batch_size", "KTO needs at least 2 examples per (micro)batch: its KL "
+                                                   "reference point pairs each prompt with another completion")
 
 
 def _check_files(c: ml_collections.ConfigDict) -> None:

@@ -652,7 +652,5 @@ def unpaired_loss(
       "rewards/margins": over(rewards, wc) - over(rewards, wr),
       "logps/chosen": over(logps, wc),
       "logps/rejected": over(logps, wr),
-      "count/desirable": jnp.sum(wc),
-      "count/undesirable": jnp.sum(wr),
   }
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

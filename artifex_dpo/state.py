@@ -23,7 +23,7 @@ from artifex_dpo.dpo_config import DPOConfig
 from artifex_dpo.models import LlamaModel, load_hf_params
 from artifex_dpo.models.config import ModelConfig
 from artifex_dpo.trainer import make_loss_fn, make_train_step, mix_reference
-from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
+from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch, UnpairedBatch
 
 
 @dataclasses.dataclass
@@ -175,6 +175,13 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
     shape = (x.shape[0] * count, *x.shape[1:])
     return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
 
+  if "completion_tokens" in local:  # KTO: labelled completions and their KL rows
+    rows = lambda p: GeneratedSequenceBatch(sequences=arr(local[f"{p}_tokens"]),
+                                            response_mask=arr(local[f"{p}_response_mask"]),
+                                            segment_ids=arr(local[f"{p}_segment_ids"]))
+    return UnpairedBatch(completions=rows("completion"), labels=arr(local["labels"]),
+                         kl=rows("kl") if "kl_tokens" in local else None,
+                         example_mask=arr(local["example_mask"]) if with_pair_mask else None)
   ref = None if reference_table is None else _lookup(reference_table, np.asarray(local["pair_indices"]))
   if "tokens" in local:
     optional = {k: arr(local[k]) for k in ("positions", "prefix_ids") if k in local}

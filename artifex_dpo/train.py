@@ -30,6 +30,7 @@ from artifex_dpo import reference
 from artifex_dpo import sharding
 from artifex_dpo import state as state_lib
 from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
+from artifex_dpo.data.unpaired_loader import UnpairedDataset, UnpairedLoader, unpaired_eval_batches, unpaired_eval_split
 from artifex_dpo.data.synthetic import write_synthetic
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
 from artifex_dpo.models.config import ModelConfig
@@ -66,6 +67,12 @@ def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, Prefe
   kwargs = dict(format=None if c.data.format == "auto" else c.data.format, max_length=c.data.max_length,
                 max_prompt_length=c.data.max_prompt_length, truncation_mode=c.data.truncation_mode,
                 skip_invalid=c.data.skip_invalid)
+  if config_lib.dpo_config(c).unpaired:  # KTO: labelled completions (paired records are unpaired)
+    del kwargs["skip_invalid"]
+    train = UnpairedDataset.from_files(files, tokenizer, **kwargs)
+    if c.data.eval_files:
+      return train, UnpairedDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
+    return unpaired_eval_split(train, c.data.eval_split, c.data.seed)
   train = PreferenceDataset.from_files(files, tokenizer, **kwargs)
   if c.data.eval_files:
     return train, PreferenceDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
@@ -177,7 +184,12 @@ class Setup:
   eval_ref: np.ndarray | None
   counters: dict[str, int]
 
-  def loader(self, c, start_step: int = 0, num_steps: int | None = None) -> PreferenceLoader:
+  def loader(self, c, start_step: int = 0, num_steps: int | None = None) -> PreferenceLoader | UnpairedLoader:
+    if self.dpo_config.unpaired:
+      return UnpairedLoader(self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
+                            with_kl="kto" in self.dpo_config.loss_types, start_step=start_step, num_steps=num_steps)
     return PreferenceLoader(
         self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
@@ -301,8 +313,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
       return
     sums: dict[str, float] = {}
     total_pairs = 0
-    for i, local in enumerate(eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(),
-                                           jax.process_count(), c.data.pad_multiple, c.data.max_length)):
+    batches = (unpaired_eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
+                                     c.data.pad_multiple, c.data.max_length, "kto" in dpo_cfg.loss_types)
+               if dpo_cfg.unpaired else
+               eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
+                            c.data.pad_multiple, c.data.max_length))
+    for i, local in enumerate(batches):
       batch = state_lib.global_batch(local, mesh, with_pair_mask=True, reference_table=eval_ref)
       m = jax.device_get(compiled("eval", batch)(state, ref_state, batch))
       real = min(c.train.eval_batch_size, len(eval_ds) - i * c.train.eval_batch_size)
@@ -314,7 +330,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     writer.write(row)
     if is_main:
       logging.info("eval at step %d: loss %.4f accuracy %.3f margin %.4f", step, row["eval/loss"],
-                   row["eval/rewards/accuracies"], row["eval/rewards/margins"])
+                   row.get("eval/rewards/accuracies", float("nan")), row["eval/rewards/margins"])
 
   def save(step: int) -> None:
     # A collective: every process calls it for the same step (the decision depends only on the

@@ -152,14 +152,26 @@ def _pad_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id
 
 def make_unpaired_batch(examples: Sequence[UnpairedExample], *, pad_id: int, with_kl: bool,
                         pad_multiple: int | None = None, max_length: int | None = None,
-                        example_mask: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                        example_mask: Sequence[int] | None = None, num_rows: int | None = None,
+                        min_examples: int = 2) -> dict[str, np.ndarray]:
   """A padded batch: ``completion_*`` and (``with_kl``) ``kl_*`` arrays ``[N, L]``, ``labels`` ``[N]``.
 
   The KL sequence of example i is its prompt followed by the completion of example i-1 (rotation
-  by one, TRL's rule); it is cut to ``max_length`` like the completion itself.
+  by one, TRL's rule); it is cut to ``max_length`` like the completion itself. ``num_rows`` fills
+  the batch up with empty rows (``example_mask`` 0) after the real examples, which alone rotate.
   """
-  if with_kl and len(examples) < 2:
+  if num_rows is not None and num_rows > len(examples):
+    out = make_unpaired_batch(examples, pad_id=pad_id, with_kl=with_kl, pad_multiple=pad_multiple,
+                              max_length=max_length, min_examples=min_examples)
+    extra = num_rows - len(examples)
+    for k, v in out.items():
+      fill = pad_id if k.endswith("_tokens") else 0
+      out[k] = np.concatenate([v, np.full((extra, *v.shape[1:]), fill, v.dtype)])
+    return out
+  if with_kl and len(examples) < min_examples:
     raise ValueError("KTO needs at least 2 examples per batch: with one, the KL pair is the example itself")
+  if not examples:
+    raise ValueError("make_unpaired_batch: no examples")
   rows = [(e.prompt_ids, e.completion_ids) for e in examples]
   kl_rows = [(e.prompt_ids, examples[i - 1].completion_ids) for i, e in enumerate(examples)] if with_kl else []
   longest = max(len(p) + len(c) for p, c in rows + kl_rows)
