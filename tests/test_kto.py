@@ -147,7 +147,7 @@ def test_trainer_refuses_the_wrong_batch_kind():
 
 @pytest.mark.parametrize("loss_type", ["kto"])
 def test_kto_learns_the_tiny_preference_on_held_out_pairs(loss_type):
-  """The tiny task unpaired: 256 pairs -> 512 labelled completions, 120 steps of 16 examples."""
+  """The tiny task unpaired: 256 pairs -> 512 labelled completions, 80 steps of 16 examples."""
   train, _ = read_unpaired([("m", i, r) for i, r in enumerate(synthetic_records(256, seed=0))], TOK,
                            TruncationSettings(64, 32))
   held_out = [parse_record(r, TOK) for r in synthetic_records(64, seed=99)]
@@ -163,7 +163,7 @@ def test_kto_learns_the_tiny_preference_on_held_out_pairs(loss_type):
   judge = DPOTrainer(model, ref, nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param), DPOConfig(beta=0.1))
   rng = np.random.default_rng(0)
   order = rng.permutation(len(train))
-  for step in range(120):
+  for step in range(80):
     idx = order[(step * 16) % len(order):][:16]
     arrays = make_unpaired_batch([train[i] for i in idx], pad_id=TOK.pad_id, with_kl=True, pad_multiple=16,
                                  max_length=64)

@@ -73,7 +73,8 @@ def _trl_dpo(config: DPOConfig, logps, ref, lss, mask):
                                  log_sum_sq_probs=torch.tensor(lss[:, 1:].copy()))
 
   fake = types.SimpleNamespace(
-      model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+      # _modules: accelerate inspects it when peft is installed (is_peft_model).
+      model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False, _modules={}),
       ref_model=lambda **kw: outputs(shifted(ref)),
       accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x),
       aux_loss_enabled=False, ld_alpha=config.ld_alpha, precompute_ref_logps=False,
