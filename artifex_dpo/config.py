@@ -255,7 +255,11 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
     m = re.search(r"DPOConfig\.(\w+)", str(e))
     raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
   if dpo_cfg.unpaired:  # KTO in the service: padded batches, live reference (what is not there yet is refused)
-    for key in ("data.packing", "data.pack_batches", "dpo.precompute_ref_logps", "data.skip_invalid"):
+    if c.dpo.precompute_ref_logps:
+      raise ConfigError("dpo.precompute_ref_logps", "cannot be used with KTO here: its KL rows pair each prompt with "
+                                                    "another completion of the same batch, so they change with the "
+                                                    "batch order and cannot be scored once per example")
+    for key in ("data.packing", "data.pack_batches", "data.skip_invalid"):
       if _get(c, key):
         raise ConfigError(key, f"is not supported with the unpaired loss {c.dpo.loss_type!r} (KTO) yet")
     if "kto" in dpo_cfg.loss_types and c.train.global_batch_size // c.train.grad_accum_steps < 2:
