@@ -173,3 +173,25 @@ def test_kto_learns_the_tiny_preference_on_held_out_pairs(loss_type):
         "last kl", float(m["kl"]))
   assert float(ev["rewards/accuracies"]) >= 0.9
   assert float(ev["rewards/margins"]) > 0
+
+
+def test_loader_batches_do_not_depend_on_the_process_count():
+  from artifex_dpo.data.unpaired_loader import UnpairedDataset, UnpairedLoader, unpaired_eval_batches
+
+  examples, _ = read_unpaired([("m", i, r) for i, r in enumerate(synthetic_records(10, seed=2))], TOK)
+  ds = UnpairedDataset(examples, TOK.pad_id)
+  kw = dict(seed=1, shuffle=True, pad_multiple=8, max_length=64, with_kl=True)
+  whole = UnpairedLoader(ds, 8, process_index=0, process_count=1, **kw).load(3)
+  parts = [UnpairedLoader(ds, 8, process_index=p, process_count=2, **kw).load(3) for p in (0, 1)]
+  for key in ("completion_tokens", "kl_tokens", "kl_response_mask", "labels", "pair_indices"):
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key], err_msg=key)
+  # The KL rows rotate over the global batch: process 1's first KL row ends with process 0's last completion.
+  g = whole["pair_indices"]
+  last_of_p0 = list(ds.examples[int(g[3])].completion_ids)
+  row = parts[1]["kl_tokens"][0][parts[1]["kl_response_mask"][0] == 1]
+  assert list(row) == last_of_p0
+  # Eval: every example once; the last batch filled with empty rows that count nowhere.
+  batches = list(unpaired_eval_batches(ds, 8, pad_multiple=8, max_length=64))
+  masks = np.concatenate([b["example_mask"] for b in batches])
+  assert masks.sum() == len(ds) and len(masks) == 24
+  assert not batches[-1]["completion_segment_ids"][masks[16:] == 0].any()
