@@ -27,17 +27,16 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import app, flags
 from ml_collections import config_flags
 
-from artifex_dpo.metrics import TPU_CHIPS
+from artifex_dpo import tpu_chips
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5p:2x2x4 (v5p-32) or v5e:4x4 (v5e-16).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN).")
 
 def chip_of(topology: str) -> str:
-  name = topology.split(":")[0].lower()
-  name = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}.get(name, name)
-  if name not in TPU_CHIPS:
-    raise ValueError(f"--topology {topology!r}: unknown TPU generation; known: {', '.join(TPU_CHIPS)}")
+  name = tpu_chips.canonical_name(topology.split(":")[0])
+  if name not in tpu_chips.CHIPS:
+    raise ValueError(f"--topology {topology!r}: unknown TPU generation; known: {', '.join(tpu_chips.CHIPS)}")
   return name
 
 
@@ -53,8 +52,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   from artifex_dpo.models import forward_flops_per_token
   from artifex_dpo.train import build_model_config, build_optimizer
 
-  chip = chip_of(topology)
-  hbm, peak, bandwidth = TPU_CHIPS[chip]
+  chip = tpu_chips.CHIPS[chip_of(topology)]
+  hbm, peak, bandwidth = chip.hbm_bytes, chip.peak_flops, chip.hbm_bandwidth
   topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices)
   devices = list(topo.devices)
   try:

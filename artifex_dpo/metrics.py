@@ -18,29 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-GIB = 1024**3
-# Per TPU chip (Google Cloud TPU docs): HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s.
-TPU_CHIPS = {
-    "v4": (32 * GIB, 275e12, 1228e9),
-    "v5e": (16 * GIB, 197e12, 819e9),
-    "v5p": (95 * GIB, 459e12, 2765e9),
-    "v6e": (32 * GIB, 918e12, 1640e9),
-}
-# JAX device_kind -> published dense bf16 peak FLOP/s per device (first match wins: "TPU v5 lite"
-# before "TPU v5").
-PEAK_FLOPS = {
-    "TPU v4": TPU_CHIPS["v4"][1],
-    "TPU v5 lite": TPU_CHIPS["v5e"][1],
-    "TPU v5e": TPU_CHIPS["v5e"][1],
-    "TPU v5p": TPU_CHIPS["v5p"][1],
-    "TPU v5": TPU_CHIPS["v5p"][1],
-    "TPU v6 lite": TPU_CHIPS["v6e"][1],
-    "TPU v6e": TPU_CHIPS["v6e"][1],
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-}
-
+from artifex_dpo import tpu_chips
 
 def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
   """The FLOP/s of a square float32 matmul on the default device (best of ``repeats``)."""
@@ -59,9 +37,9 @@ def device_peak_flops() -> tuple[float, str]:
   """``(peak FLOP/s per device, where it came from)``: published bf16 peak, or measured on CPU."""
   device = jax.devices()[0]
   kind = getattr(device, "device_kind", "")
-  for name, peak in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak, f"published bf16 peak of {kind}"
+  peak = tpu_chips.peak_flops_of_device_kind(kind)
+  if peak is not None:
+    return peak, f"published bf16 peak of {kind}"
   return measure_matmul_peak(), f"float32 matmul measured on {kind or device.platform}"
 
 

@@ -43,6 +43,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from artifex_dpo import tpu_chips
+
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 CONTAINER_NAME = "trainer"
 REPLICATED_JOB_NAME = "slice"
@@ -54,7 +56,7 @@ SPOT_LABEL = "cloud.google.com/gke-spot"
 TPU_RESOURCE = "google.com/tpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
-# The trainer's exit codes (DESIGN.md): 2 bad config / data, 3 diverged, 75 preempted after a checkpoint.
+# The trainer's exit codes (docs/design.md): 2 bad config / data, 3 diverged, 75 preempted after a checkpoint.
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75
 DEFAULT_GRACE_PERIOD_S = 300
 DEFAULT_MAX_RESTARTS = 10
@@ -64,34 +66,10 @@ class LaunchError(ValueError):
   """A bad launch request (the CLI prints it on one line and exits with code 2)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TpuGeneration:
-  """One TPU generation as GKE schedules it.
-
-  Attributes:
-    name: short name used in slice names (``v5p``).
-    accelerator: value of the ``cloud.google.com/gke-tpu-accelerator`` node label.
-    cores_per_chip: TensorCores per chip: the unit a slice name counts (v5p-32 = 32 cores).
-    dims: topology dimensions (2: ``4x4``, 3: ``2x2x4``).
-    chips_per_host: chips of one host (VM) of a multi-host slice.
-    single_host_chips: the largest slice that is a single host.
-  """
-
-  name: str
-  accelerator: str
-  cores_per_chip: int
-  dims: int
-  chips_per_host: int
-  single_host_chips: int
-
-
-GENERATIONS: dict[str, TpuGeneration] = {
-    "v4": TpuGeneration("v4", "tpu-v4-podslice", 2, 3, 4, 4),
-    "v5p": TpuGeneration("v5p", "tpu-v5p-slice", 2, 3, 4, 4),
-    "v5e": TpuGeneration("v5e", "tpu-v5-lite-podslice", 1, 2, 4, 8),
-    "v6e": TpuGeneration("v6e", "tpu-v6e-slice", 1, 2, 4, 8),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+# Each generation's slice facts (cores per chip, dimensions, hosts, GKE node label) live in the one
+# chip table, which imports no JAX.
+TpuGeneration = tpu_chips.TpuChip
+GENERATIONS: dict[str, TpuGeneration] = tpu_chips.CHIPS
 # The 2D slice shapes GKE offers for v5e / v6e, by chip count.
 TOPOLOGIES_2D: dict[int, str] = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
                                  256: "16x16"}
@@ -177,7 +155,7 @@ def parse_slice(tpu: str, topology: str | None = None) -> TpuSlice:
       raise LaunchError(f"--tpu {tpu!r} names topology {from_name}, --topology says {topology}")
     topology = from_name
   m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+))?", text)
-  gen_name = _ALIASES.get(m.group(1), m.group(1)) if m else text
+  gen_name = tpu_chips.canonical_name(m.group(1)) if m else text
   if not m or gen_name not in GENERATIONS:
     raise LaunchError(f"--tpu {tpu!r}: expected a slice such as v5p-32, v5e-16, v6e-64 or v4-16 "
                       f"(generations: {', '.join(GENERATIONS)})")
@@ -355,7 +333,7 @@ def failure_policy(spec: JobSpec) -> dict[str, Any]:
 def pod_spec(spec: JobSpec) -> dict[str, Any]:
   """The pod of one TPU host."""
   tpu = spec.tpu
-  node_selector = {ACCELERATOR_LABEL: tpu.generation.accelerator, TOPOLOGY_LABEL: tpu.topology}
+  node_selector = {ACCELERATOR_LABEL: tpu.generation.gke_accelerator, TOPOLOGY_LABEL: tpu.topology}
   if spec.spot:
     node_selector[SPOT_LABEL] = "true"
   chips = {TPU_RESOURCE: tpu.chips_per_host}

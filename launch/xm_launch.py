@@ -46,8 +46,6 @@ except ImportError:  # run as a script: python launch/xm_launch.py
 
 EXECUTORS = ("local", "vertex", "kubernetes")
 ENTRYPOINT = ("python", "-m", "artifex_dpo.main")  # the image's ENTRYPOINT (docker/Dockerfile)
-# xm.ResourceType name of each generation (xm.JobRequirements(tpu_v5p="2x2x4")).
-XM_TPU_RESOURCES = {"v4": "tpu_v4", "v5e": "tpu_v5e", "v5p": "tpu_v5p", "v6e": "tpu_v6e"}
 _XM_INSTALL = ("pip install xmanager==0.8.5.post1 in a separate virtual environment to submit; only to build the "
                "job objects: pip install --no-deps xmanager==0.8.5.post1 && pip install immutabledict docker attrs")
 
@@ -145,7 +143,7 @@ def describe_job(*, executor: str, config: str, workdir: str, image: str | None 
       command=ENTRYPOINT if image else (sys.executable, "-m", "artifex_dpo.main"),
       args=args,
       env=dict(env or {}),
-      accelerator=XM_TPU_RESOURCES[sl.generation.name] if sl else None,
+      accelerator=sl.generation.xm_resource if sl else None,
       topology=sl.topology if sl else None,
       hosts=sl.hosts if sl else 1,
       chips_per_host=sl.chips_per_host if sl else 0,

@@ -306,3 +306,9 @@ def test_pack_batches_keeps_the_global_batch_and_splits_rows_over_processes():
     assert sorted(got) == want
     assert rows[0] == rows[1] and (2 * rows[0]) % 4 == 0
     assert 2 * rows[0] * 80 < 8 * 2 * 40 * 2  # fewer token slots than padding every pair to max_length
+
+
+@pytest.mark.parametrize("row_length, cap, key", [(0, 4, "data.pack_length"), (64, 0, "data.max_pairs_per_row")])
+def test_bad_plan_settings_name_the_config_key(row_length, cap, key):
+  with pytest.raises(DataError, match=key.replace(".", r"\.")):
+    plan_packing(np.array([[3, 4]]), row_length, cap)

@@ -73,7 +73,7 @@ def env_of(manifest: dict) -> dict:
 def test_slice_names_topologies_and_hosts(name, topology, chips, hosts, per_host, accelerator):
   sl = gke.parse_slice(name)
   assert (sl.topology, sl.chips, sl.hosts, sl.chips_per_host) == (topology, chips, hosts, per_host)
-  assert sl.generation.accelerator == accelerator
+  assert sl.generation.gke_accelerator == accelerator
   assert sl.hosts * sl.chips_per_host == sl.chips
 
 

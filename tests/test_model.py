@@ -311,3 +311,9 @@ def test_forward_flops_per_token():
   long_ = forward_flops_per_token(mistral, 32768)
   assert long_ > short  # the window caps attention, but mean keys still grow to ~W
   assert long_ < forward_flops_per_token(mistral.replace(sliding_window=None), 32768)
+
+
+def test_shared_prompt_mask_needs_explicit_positions(model):
+  tokens = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="need explicit positions"):
+    model.hidden_states(tokens, segment_ids=jnp.ones_like(tokens), prefix_ids=jnp.ones_like(tokens))

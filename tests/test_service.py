@@ -53,7 +53,7 @@ def test_tiny_default_reaches_held_out_accuracy(tiny_run):
   assert [e["step"] for e in evals] == [50, 100, 150]
   assert evals[-1]["eval/rewards/accuracies"] >= 0.9
   assert evals[-1]["eval/rewards/margins"] > 0
-  # The row's numbers mean what DESIGN.md says: rewards are beta-scaled log-ratios, accuracies a fraction.
+  # The row's numbers mean what docs/design.md says: rewards are beta-scaled log-ratios, accuracies a fraction.
   last = train[150]
   np.testing.assert_allclose(last["rewards/margins"], last["rewards/chosen"] - last["rewards/rejected"], rtol=1e-4,
                              atol=1e-6)

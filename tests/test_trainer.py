@@ -11,10 +11,7 @@ from flax import nnx
 
 from artifex_dpo import DPOConfig, DPOTrainer, GeneratedSequenceBatch, PreferenceBatch
 from artifex_dpo import losses
-try:
-  from artifex_dpo.models import LlamaModel, get_preset
-except ImportError:  # written in parallel
-  pass
+from artifex_dpo.models import LlamaModel, get_preset
 
 V = 32
 

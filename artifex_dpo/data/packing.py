@@ -145,7 +145,7 @@ def plan_packing(lengths: np.ndarray, row_length: int, max_pairs_per_row: int) -
   lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
   row_length, cap = int(row_length), int(max_pairs_per_row)
   if row_length <= 0:
-    raise DataError("data.pack_row_length", None, f"must be positive, got {row_length}")
+    raise DataError("data.pack_length", None, f"must be positive, got {row_length}")
   if cap <= 0:
     raise DataError("data.max_pairs_per_row", None, f"must be positive, got {cap}")
   if (lengths < 0).any():

@@ -414,11 +414,11 @@ class LlamaModel(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if prefix_ids is not None and positions is None:
+      raise ValueError("prefix_ids (shared prompts) need explicit positions")
     if positions is None:
       positions = default_positions(segment_ids)
     # Built once and shared by every layer: the mask as an additive bias, RoPE's cos/sin tables.
-    if prefix_ids is not None and positions is None:
-      raise ValueError("prefix_ids (shared prompts) need explicit positions")
     mask = make_attention_mask(segment_ids, config.sliding_window, prefix_ids=prefix_ids,
                                positions=None if prefix_ids is None else positions)
     bias = attention_bias(mask)
