@@ -3,8 +3,11 @@
 A checkpoint ``checkpoints/<step>/`` holds ``state`` (policy params, optimizer state, RNG state:
 everything in the trainer's NNX state) and ``meta`` (JSON: the step, i.e. the data position,
 the resolved config, fingerprints of the data). Orbax writes into a temporary folder and renames
-it when complete, so a checkpoint is complete or invisible; a restart loads the newest complete
-one. The reference model is never saved: it is rebuilt from its source.
+it when complete, so a checkpoint is complete or invisible; a restart loads the newest one that
+restores completely (:meth:`Checkpointer.restore_latest`): a damaged one (a file truncated or
+deleted, its metadata gone, an empty step folder) is renamed to ``<step>.damaged-<UTC time>``
+(never deleted) with one warning line, and the one before it is used. The reference model is never
+saved: it is rebuilt from its source.
 
 Multi-host: every process calls ``save`` with the same step (the decision depends only on the
 step and on values that every process agrees on) because saving is a collective.
@@ -13,15 +16,24 @@ step and on values that every process agrees on) because saving is a collective.
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be used here (names the path and what differs)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files are incomplete or unreadable (as opposed to one of another model)."""
 
 
 class Checkpointer:
@@ -56,9 +68,73 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict[str, Any]:
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; say where and what
-      raise CheckpointError(f"{self.directory}/{step}: cannot read the checkpoint's metadata ({e})") from None
+      raise DamagedCheckpointError(f"{self.directory}/{step}: cannot read the checkpoint's metadata "
+                                   f"({_first_line(e)})") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+      raise DamagedCheckpointError(f"{self.directory}/{step}: the checkpoint's metadata has no step")
+    return meta
+
+  def restore_latest(self, abstract_state: nnx.State, shardings: Any,
+                     check_meta: Callable[[dict[str, Any], str], None] | None = None
+                     ) -> tuple[int, nnx.State, dict[str, Any]] | None:
+    """Restores the newest checkpoint that restores completely; None when there is none.
+
+    Damaged checkpoints newer than it are moved aside (renamed ``<step>.damaged-<UTC time>``, never
+    deleted), each with one warning line naming it and why. When checkpoints exist but none
+    restores, nothing is moved and a CheckpointError names the folder (the run must not silently
+    start over). A checkpoint of another model or config (``check_meta`` raising, a shape
+    mismatch) is not damage: that error propagates and nothing is moved.
+
+    Multi-host: every process tries every step and all agree (an all-gather of the outcome) before
+    process 0 renames anything, so all processes resume from the same step.
+
+    Args:
+      abstract_state: the expected state (shapes/dtypes).
+      shardings: NamedShardings with the structure of ``abstract_state``.
+      check_meta: ``(meta, path)`` -> None, raising when the checkpoint must not be resumed.
+
+    Returns:
+      ``(step, state, meta)``, or None when the folder holds no checkpoint.
+    """
+    self._manager.reload()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+      path = f"{self.directory}/{step}"
+      reason = None
+      try:
+        if "://" not in path and os.path.isdir(path) and not os.listdir(path):
+          raise DamagedCheckpointError(f"{path}: the folder is empty")
+        meta = self.read_meta(step)
+        if check_meta is not None:
+          check_meta(meta, path)
+        state = self.restore(step, abstract_state, shardings)
+      except DamagedCheckpointError as e:
+        reason = str(e)[len(path) + 2:] if str(e).startswith(path) else str(e)
+      if not _all_processes_agree(reason is None):
+        damaged.append((step, reason or "damaged on another process"))
+        continue
+      for bad_step, why in damaged:
+        self._move_aside(bad_step, why)
+      if damaged:
+        self._manager.reload()
+      return step, state, meta
+    if damaged:
+      details = "; ".join(f"{s}: {why}" for s, why in damaged)
+      raise CheckpointError(f"{self.directory}: no checkpoint restores ({details})")
+    return None
+
+  def _move_aside(self, step: int, why: str) -> None:
+    src = epath.Path(self.directory) / str(step)
+    dst = epath.Path(self.directory) / f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if jax.process_index() == 0:
+      src.rename(dst)
+      logging.warning("checkpoint %s is damaged (%s): moved aside to %s; resuming from an earlier one", src,
+                      why, dst.name)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"artifex_dpo_move_aside_{step}")
 
   def restore(self, step: int, abstract_state: nnx.State, shardings: Any) -> nnx.State:
     """Restores ``state`` onto ``shardings`` (any mesh: Orbax reshards on read).
@@ -77,10 +153,16 @@ class Checkpointer:
       saved = self._manager.item_metadata(step)["state"]
       saved = getattr(saved, "tree", saved)
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"{path}: not a checkpoint of this program ({e})") from None
+      raise DamagedCheckpointError(f"{path}: cannot read the state's metadata ({_first_line(e)})") from None
+    if not isinstance(saved, dict) or not saved:
+      # Orbax reads a missing state/_METADATA as an empty tree: damage, not another model.
+      raise DamagedCheckpointError(f"{path}: the state's metadata (state/_METADATA) is missing or empty")
     _check_structure(path, saved, target)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:  # noqa: BLE001 - tensorstore / orbax raise many kinds on missing or short files
+      raise DamagedCheckpointError(f"{path}: cannot read the state's arrays ({_first_line(e)})") from None
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state
@@ -92,6 +174,21 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  """The root cause's first line (tensorstore's wrapped errors say what is wrong only at the root)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when ``ok`` holds on every process (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
 def _check_structure(path: str, saved: Any, target: Any) -> None:

@@ -98,13 +98,18 @@ DOCS: dict[str, str] = {
     "optim.eps": "Adam epsilon",
     "train.steps": "optimizer updates to run",
     "train.global_batch_size": "preference pairs per update, over all processes",
-    "train.grad_accum_steps": "microbatches per update (global_batch_size must divide)",
+    "train.grad_accum_steps": "microbatches per update (global_batch_size must divide); the update equals one "
+                              "over the whole batch (refused for the aot losses)",
     "train.log_every": "write metrics every N steps",
     "train.eval_every": "evaluate every N steps (0: only at the end)",
     "train.eval_batch_size": "pairs per eval batch",
     "train.seed": "training seed (RNG state)",
     "train.max_nonfinite_steps": "stop (exit 3) after this many non-finite steps in a row",
     "train.profile_steps": "profile steps 'a,b' into workdir/profile (empty: off)",
+    "train.compilation_cache": "persistent XLA compilation cache: 'workdir' (WORKDIR/jax_cache), a folder, or "
+                               "'off'; it holds executables the run loads, so keep it where only the run writes",
+    "train.lease_timeout_s": "seconds a workdir lease (WORKDIR/lease.json) outlives its holder's last renewal; "
+                             "a second live run on the workdir is refused (exit 2); 0: no lease",
     "checkpoint.save_every": "save a checkpoint every N steps (0: only at the end)",
     "checkpoint.max_to_keep": "checkpoints kept",
     "checkpoint.async_save": "save in the background while training goes on",
@@ -138,7 +143,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim = dict(name="adamw", learning_rate=1e-6, schedule="cosine", warmup_steps=0, end_lr_fraction=0.0,
                  weight_decay=0.0, grad_clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(steps=100, global_batch_size=8, grad_accum_steps=1, log_every=10, eval_every=0,
-                 eval_batch_size=8, seed=0, max_nonfinite_steps=10, profile_steps="")
+                 eval_batch_size=8, seed=0, max_nonfinite_steps=10, profile_steps="",
+                 lease_timeout_s=120.0, compilation_cache="workdir")
   c.checkpoint = dict(save_every=0, max_to_keep=3, async_save=True, allow_change=False)
   c.mesh = dict(ici=dict(data=1, fsdp=-1, tensor=1), dcn=dict(data=-1, fsdp=1, tensor=1))
   c.export = dict(hf=False, dtype="float32")
@@ -215,7 +221,8 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
               "dpo.logits_chunk_size", "model.scan_unroll"):
     _positive(c, key)
   for key in ("model.attention_block", "data.pack_length", "data.max_pairs_per_row",
-              "train.eval_every", "checkpoint.save_every", "optim.warmup_steps", "optim.weight_decay",
+              "train.eval_every", "checkpoint.save_every", "train.lease_timeout_s", "optim.warmup_steps",
+              "optim.weight_decay",
               "optim.grad_clip_norm", "optim.learning_rate"):
     _positive(c, key, allow_zero=True)
   if (c.data.packing or c.data.pack_batches) and c.data.pack_length and c.data.pack_length < 2 * c.data.max_length:
@@ -231,6 +238,18 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   if c.train.global_batch_size % c.train.grad_accum_steps:
     raise ConfigError("train.global_batch_size", f"{c.train.global_batch_size} is not divisible by "
                                                  f"train.grad_accum_steps={c.train.grad_accum_steps}")
+  if c.train.grad_accum_steps > 1:
+    from artifex_dpo.losses import BATCH_COUPLED_LOSSES, UNPAIRED_LOSSES  # light import: no devices
+
+    coupled = [t.strip() for t in (c.dpo.loss_type or "").split(",") if t.strip() in BATCH_COUPLED_LOSSES]
+    if coupled:
+      raise ConfigError("train.grad_accum_steps", f"must be 1 with dpo.loss_type={c.dpo.loss_type}: "
+                                                  f"{','.join(coupled)} sorts over the whole batch, which "
+                                                  "microbatches cannot add up to")
+    if [t for t in (c.dpo.loss_type or "").split(",") if t.strip() in UNPAIRED_LOSSES]:
+      raise ConfigError("train.grad_accum_steps", f"must be 1 with dpo.loss_type={c.dpo.loss_type}: KTO's KL "
+                                                  "reference point is a mean over the batch, which microbatches "
+                                                  "cannot add up to")
   _choice(c, "optim.name", ("adamw", "adam", "sgd"))
   _choice(c, "optim.schedule", ("cosine", "linear", "constant"))
   if not 0.0 <= c.optim.end_lr_fraction <= 1.0:
@@ -242,6 +261,8 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
       value = _get(c, key)
       if not isinstance(value, int) or (value < 1 and value != -1):
         raise ConfigError(key, f"must be a positive size or -1 (fill), got {value!r}")
+  if not c.train.compilation_cache:
+    raise ConfigError("train.compilation_cache", "must be 'workdir', 'off' or a folder, got an empty value")
   if c.train.profile_steps:
     try:
       a, b = (int(x) for x in c.train.profile_steps.split(","))

@@ -154,6 +154,9 @@ class DPOConfig:
     if self.f_divergence_type != "reverse_kl" and not set(names) <= losses.F_DIVERGENCE_LOSSES:
       raise ValueError(f"DPOConfig.f_divergence_type={self.f_divergence_type!r} works only with the losses "
                        f"{', '.join(sorted(losses.F_DIVERGENCE_LOSSES))} (as TRL), not {listed}")
+    if self.use_weighting and "sft" in names:
+      raise ValueError("DPOConfig.use_weighting (WPO) does not work with 'sft' (TRL 1.16 fails on it: the batch "
+                       "NLL has no per-pair value to weight)")
     if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
       raise ValueError("DPOConfig.use_weighting (WPO) does not work with 'aot'/'aot_unpaired': they sort the "
                        "pairs, which would misalign the per-pair weights (as TRL)")

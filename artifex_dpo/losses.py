@@ -48,6 +48,9 @@ UNPAIRED_LOSSES = frozenset({"kto", "apo_zero_unpaired"})
 # term of the f-DPO reparameterisation cancels only in the chosen-minus-rejected score difference).
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Losses whose per-pair values depend on the other pairs of the batch (AOT sorts over it): a
+# microbatch cannot compute its share of the whole batch's loss, so gradient accumulation is refused.
+BATCH_COUPLED_LOSSES = frozenset({"aot", "aot_unpaired"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,15 +402,44 @@ def orpo_log_odds(chosen_mean_logps: jax.Array, rejected_mean_logps: jax.Array) 
   return (chosen_mean_logps - rejected_mean_logps) - (log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps))
 
 
-def sft_loss(chosen_token_logps: jax.Array, chosen_response_mask: jax.Array) -> jax.Array:
-  """Token-mean negative log-likelihood of the chosen responses over the whole batch (a scalar)."""
+def sft_loss(chosen_token_logps: jax.Array, chosen_response_mask: jax.Array,
+             num_tokens: jax.Array | None = None) -> jax.Array:
+  """Token-mean negative log-likelihood of the chosen responses over the whole batch (a scalar).
+
+  As TRL 1.16's ``sft`` loss: the mean over every scored chosen token of the batch (not a mean
+  of per-sequence means). ``num_tokens`` (default: the tokens of ``chosen_response_mask``) is
+  the denominator; a microbatch passes the whole accumulated batch's count, so the microbatch
+  values sum to the whole batch's loss.
+  """
   mask = chosen_response_mask.astype(jnp.float32)
-  return -jnp.sum(chosen_token_logps * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  denominator = jnp.sum(mask) if num_tokens is None else num_tokens
+  return -jnp.sum(chosen_token_logps * mask) / jnp.maximum(denominator, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Combining
 # --------------------------------------------------------------------------------------------
+
+
+class Normalizers(NamedTuple):
+  """The denominators of every batch mean (float32 scalars).
+
+  By default each is counted on the batch the loss sees. A microbatch of an accumulated batch
+  (or one eval batch of an eval set) is given the counts of the whole, so its loss and metrics
+  are its exact share of the whole's and the shares simply add up.
+
+  Attributes:
+    pairs: real pairs (pair means: pair losses, rewards, accuracies, log-probs).
+    chosen_tokens: scored chosen response tokens of the real pairs (``sft``, RPO's NLL,
+      ``logits/chosen``).
+    rejected_tokens: scored rejected response tokens of the real pairs (``logits/rejected``).
+  """
+
+  pairs: jax.Array
+  chosen_tokens: jax.Array
+  rejected_tokens: jax.Array
+  # ORPO's NLL: every predicted token of the chosen sequences (prompt included); None: counted here.
+  chosen_sequence_tokens: jax.Array | None = None
 
 
 class LossSettings(NamedTuple):
@@ -475,6 +507,7 @@ def preference_loss(
     chosen_response_mask: jax.Array,
     pair_mask: jax.Array | None = None,
     chosen_sequence_mask: jax.Array | None = None,
+    normalizers: Normalizers | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted sum of the configured losses and its metrics (batch means over pairs).
 
@@ -492,6 +525,10 @@ def preference_loss(
     chosen_sequence_mask: ORPO's NLL mask, laid out like ``chosen_token_logps``: every predicted
       token of the chosen sequences, prompt included (TRL's ORPO trains on both). None: the
       response mask.
+    normalizers: the denominators of the means (None: counted on this batch). Given the
+      counts of a larger batch this batch is part of, every returned value is this batch's
+      share (summing the shares gives the larger batch's values); the AOT losses, which sort
+      over the batch, are the exception (see ``BATCH_COUPLED_LOSSES``).
 
   Returns:
     ``(loss, metrics)``; the metrics use TRL's names plus the seed trainer's keys.
@@ -523,7 +560,10 @@ def preference_loss(
     return p
 
   w = jnp.ones_like(chosen.logp_sum) if pair_mask is None else pair_mask.astype(jnp.float32)
-  mean = lambda x, weights=w: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  if normalizers is None:
+    normalizers = Normalizers(jnp.sum(w), jnp.sum(chosen.num_tokens * w), jnp.sum(rejected.num_tokens * w))
+  n_pairs = jnp.maximum(normalizers.pairs, 1.0)
+  mean = lambda x, weights=w: jnp.sum(x * weights) / n_pairs
   pair_weights = None
   if s.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2), as TRL: never differentiated
     pair_weights = jax.lax.stop_gradient(
@@ -534,15 +574,15 @@ def preference_loss(
   nll = None
   for name, weight in zip(s.loss_types, s.loss_weights, strict=True):
     if name == "sft":
-      nll = sft_loss(chosen_token_logps, chosen_response_mask) if nll is None else nll
-      term = nll if pair_weights is None else nll * mean(pair_weights)
+      nll = sft_loss(chosen_token_logps, chosen_response_mask, normalizers.chosen_tokens) if nll is None else nll
+      term = nll
     elif name == "orpo":
       # NLL over the whole chosen sequence minus lambda * mean log s(log odds ratio) (TRL experimental/orpo).
       p = pairs("mean")
       safe = lambda x: jnp.where(w > 0, x, -1.0)  # filler pairs have no tokens: mean log-prob 0
       log_odds = orpo_log_odds(safe(p.chosen), safe(p.rejected))
-      orpo_nll = sft_loss(chosen_token_logps,
-                          chosen_response_mask if chosen_sequence_mask is None else chosen_sequence_mask)
+      seq_mask = chosen_response_mask if chosen_sequence_mask is None else chosen_sequence_mask
+      orpo_nll = sft_loss(chosen_token_logps, seq_mask, normalizers.chosen_sequence_tokens)
       ratio = jax.nn.log_sigmoid(log_odds)
       term = orpo_nll - s.beta * mean(ratio)
       metrics.update({"nll_loss": orpo_nll, "log_odds_ratio": mean(ratio), "log_odds_chosen": mean(log_odds)})
@@ -559,7 +599,7 @@ def preference_loss(
     total = total + weight * term
   nll_weight = s.rpo_alpha if s.rpo_alpha is not None else s.cpo_alpha
   if nll_weight is not None:  # RPO / CPO: token-mean NLL of the chosen responses
-    nll = sft_loss(chosen_token_logps, chosen_response_mask) if nll is None else nll
+    nll = sft_loss(chosen_token_logps, chosen_response_mask, normalizers.chosen_tokens) if nll is None else nll
     metrics["nll_loss"] = nll
     total = total + nll_weight * nll
 
@@ -571,8 +611,8 @@ def preference_loss(
   rejected_rewards = jax.lax.stop_gradient(s.beta * rejected_lr)
   accuracy = mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
   margin = mean(chosen_rewards - rejected_rewards)
-  n_chosen = jnp.maximum(jnp.sum(chosen.num_tokens * w), 1.0)
-  n_rejected = jnp.maximum(jnp.sum(rejected.num_tokens * w), 1.0)
+  n_chosen = jnp.maximum(normalizers.chosen_tokens, 1.0)
+  n_rejected = jnp.maximum(normalizers.rejected_tokens, 1.0)
   metrics.update({
       "loss": total,
       "rewards/chosen": mean(chosen_rewards),

@@ -50,6 +50,21 @@ def format_eta(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}"
 
 
+def _drop_torn_tail(path: str) -> None:
+  """Cuts off a last row without its newline (a kill or a full disk mid-write) that the next row would join."""
+  try:
+    with open(path, "rb+") as f:
+      size = f.seek(0, os.SEEK_END)
+      if not size:
+        return
+      f.seek(max(0, size - (1 << 20)))
+      tail = f.read()
+      if not tail.endswith(b"\n"):
+        f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+  except FileNotFoundError:
+    pass
+
+
 class MetricsWriter:
   """Writes metric rows on process 0; a no-op on other processes."""
 
@@ -58,6 +73,8 @@ class MetricsWriter:
     self._path = os.path.join(workdir, "metrics.jsonl")
     self._remote = "://" in workdir
     self._tb = None
+    if enabled and not self._remote:
+      _drop_torn_tail(self._path)
     if enabled:
       from tensorboardX import SummaryWriter
 

@@ -137,11 +137,16 @@ def jit_train_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch, *
 
 
 def jit_eval_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch) -> Callable:
-  """``(state, ref_state, batch) -> metrics`` as one ``jax.jit`` with explicit shardings."""
+  """``(state, ref_state, batch, normalizers) -> metrics`` as one ``jax.jit`` with explicit shardings.
+
+  ``normalizers`` (:class:`artifex_dpo.losses.Normalizers` of the whole eval set) make the
+  metrics the batch's additive shares of the eval set's.
+  """
   loss_fn = make_loss_fn(spec.graphdef, spec.ref_graphdef, config)
   replicated = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(lambda s, r, b: loss_fn(s, r, b)[1],
-                 in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch)), out_shardings=replicated)
+  return jax.jit(lambda s, r, b, n: loss_fn(s, r, b, n)[1],
+                 in_shardings=(spec.shardings, spec.ref_shardings, batch_shardings(batch), replicated),
+                 out_shardings=replicated)
 
 
 def jit_sync_reference(spec: StateSpec, alpha: float) -> Callable:

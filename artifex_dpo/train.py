@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -21,18 +20,20 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from artifex_dpo import checkpoint as ckpt_lib
 from artifex_dpo import config as config_lib
+from artifex_dpo import losses
 from artifex_dpo import metrics as metrics_lib
 from artifex_dpo import reference
 from artifex_dpo import sharding
+from artifex_dpo import signals as signals_lib
 from artifex_dpo import state as state_lib
 from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
 from artifex_dpo.data.unpaired_loader import UnpairedDataset, UnpairedLoader, unpaired_eval_batches, unpaired_eval_split
 from artifex_dpo.data.synthetic import write_synthetic
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
+from artifex_dpo.models.hf import clean_stale_exports
 from artifex_dpo.models.config import ModelConfig
 
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
@@ -59,16 +60,21 @@ def build_tokenizer(c: ml_collections.ConfigDict):
     raise config_lib.ConfigError("data.tokenizer", f"{spec}: {e}") from None
 
 
-def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, PreferenceDataset | None]:
-  """The training and eval sets (first pass over the data; every process reads the same)."""
+def build_datasets(c, tokenizer, workdir: str,
+                   id_limit: int | None = None) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+  """The training and eval sets (first pass over the data; every process reads the same).
+
+  ``id_limit``: pre-tokenized ids must lie below it (the model's vocabulary; None: the tokenizer's).
+  """
   files = c.data.train_files
   if not files:
     files = write_synthetic(os.path.join(workdir, "synthetic", "train.jsonl"), c.data.synthetic_pairs, c.data.seed)
   kwargs = dict(format=None if c.data.format == "auto" else c.data.format, max_length=c.data.max_length,
                 max_prompt_length=c.data.max_prompt_length, truncation_mode=c.data.truncation_mode,
-                skip_invalid=c.data.skip_invalid)
+                skip_invalid=c.data.skip_invalid, id_limit=id_limit)
   if config_lib.dpo_config(c).unpaired:  # KTO: labelled completions (paired records are unpaired)
-    del kwargs["skip_invalid"]
+    for key in ("skip_invalid", "id_limit"):
+      kwargs.pop(key)
     train = UnpairedDataset.from_files(files, tokenizer, **kwargs)
     if c.data.eval_files:
       return train, UnpairedDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
@@ -76,10 +82,7 @@ def build_datasets(c, tokenizer, workdir: str) -> tuple[PreferenceDataset, Prefe
   train = PreferenceDataset.from_files(files, tokenizer, **kwargs)
   if c.data.eval_files:
     return train, PreferenceDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
-  skipped, dropped = train.num_skipped_invalid, train.num_dropped_truncated
-  train, held_out = eval_split(train, c.data.eval_split, c.data.seed)
-  train.num_skipped_invalid, train.num_dropped_truncated = skipped, dropped
-  return train, held_out
+  return eval_split(train, c.data.eval_split, c.data.seed)  # the counters stay with the training part
 
 
 def build_model_config(c, tokenizer=None) -> ModelConfig:
@@ -133,34 +136,6 @@ def _axes(v) -> tuple:
   return tuple(v.get_metadata().get("logical_axes") or ()) if isinstance(v, nnx.Variable) else ()
 
 
-class _Preemption:
-  """SIGTERM (GKE / TPU maintenance) -> every process stops at the same step.
-
-  Multi-host: JAX's preemption sync point (the coordination service catches SIGTERM and all
-  processes agree on the first step boundary after it). A single process has no coordination
-  service (``reached_preemption_sync_point`` would return False), so it catches SIGTERM itself.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 # ------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------
@@ -196,7 +171,9 @@ class Setup:
         max_length=c.data.max_length, start_step=start_step, num_steps=num_steps, packing=c.data.packing,
         row_length=c.data.pack_length or None, max_pairs_per_row=c.data.max_pairs_per_row or None,
         pack_batches=c.data.pack_batches, share_prompt=c.data.share_prompt,
-        row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()))
+        # Per-batch packed rows: a multiple of grad_accum_steps x the batch shards, so that each
+        # microbatch's rows divide over the devices.
+        row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()) * c.train.grad_accum_steps)
 
   def step_flops(self, local: dict[str, Any], c) -> tuple[float, float, float]:
     """``(tokens, pairs, model FLOPs)`` of a loaded batch (policy fwd+bwd, reference fwd if in memory).
@@ -213,19 +190,44 @@ class Setup:
     return tokens, pairs, computed * forward_flops_per_token(self.model_config, mean_len) * (3.0 + ref_forward)
 
 
+def compilation_cache_dir(c, workdir: str) -> str | None:
+  """``train.compilation_cache``: 'workdir' -> WORKDIR/jax_cache, 'off' -> None, else that folder.
+
+  The cache holds compiled executables that JAX loads and runs: whoever can write the folder can
+  plant code in the run (README, "Preemption and resume").
+  """
+  value = c.train.compilation_cache
+  if value == "off":
+    return None
+  return os.path.join(workdir, "jax_cache") if value == "workdir" else value
+
+
 def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Data, mesh, sharded policy/optimizer/reference (and the reference pass when precomputing)."""
   os.makedirs(workdir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  cache = compilation_cache_dir(c, workdir)
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
 
   # --- Data ---------------------------------------------------------------------------------
   tokenizer = build_tokenizer(c)
-  train_ds, eval_ds = build_datasets(c, tokenizer, workdir)
-  logging.info("data: %d train pairs, %d eval pairs, %d invalid skipped, %d dropped by truncation",
-               len(train_ds), len(eval_ds) if eval_ds else 0, train_ds.num_skipped_invalid,
-               train_ds.num_dropped_truncated)
+  mcfg = build_model_config(c, tokenizer)
+  # Pre-tokenized ids are checked against the model's vocabulary (the tokenizer plays no part).
+  train_ds, eval_ds = build_datasets(c, tokenizer, workdir, id_limit=mcfg.vocab_size)
+  logging.info("data: %d train pairs, %d eval pairs, %d invalid skipped, %d dropped by truncation, %d dropped "
+               "with identical chosen and rejected", len(train_ds), len(eval_ds) if eval_ds else 0,
+               train_ds.num_skipped_invalid, train_ds.num_dropped_truncated, train_ds.num_identical_pairs)
+  n = max(1, len(train_ds) + (len(eval_ds) if eval_ds is not None and not c.data.eval_files else 0))
+  logging.info("truncation: %d prompts (%.1f%% of pairs) cut to data.max_prompt_length=%d, %d responses "
+               "(%.1f%% of responses) cut to fit data.max_length=%d (a cut response has no EOS)",
+               train_ds.num_truncated_prompts, 100 * train_ds.num_truncated_prompts / n, c.data.max_prompt_length,
+               train_ds.num_truncated_responses, 100 * train_ds.num_truncated_responses / (2 * n),
+               c.data.max_length)
   counters = {"data/skipped_invalid": train_ds.num_skipped_invalid,
-              "data/dropped_truncated": train_ds.num_dropped_truncated, "train/nonfinite_steps": 0}
+              "data/dropped_truncated": train_ds.num_dropped_truncated,
+              "data/identical_pairs": train_ds.num_identical_pairs,
+              "data/truncated_prompts": train_ds.num_truncated_prompts,
+              "data/truncated_responses": train_ds.num_truncated_responses, "train/nonfinite_steps": 0}
 
   # --- Mesh, model, optimizer, reference ----------------------------------------------------
   try:
@@ -238,14 +240,19 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
     if size % parallel or size % jax.process_count():
       raise config_lib.ConfigError(key, f"{size} pairs per (micro)batch do not divide over {parallel} "
                                         f"batch shards (mesh data x fsdp) and {jax.process_count()} processes")
-  mcfg = build_model_config(c, tokenizer)
   dpo_cfg = config_lib.dpo_config(c)
   tx, schedule = build_optimizer(c)
   spec = state_lib.build_state_spec(mcfg, tx, mesh, init_seed=c.model.init_seed,
                                     ref_dtype=c.model.ref_dtype if dpo_cfg.needs_reference else None)
-  state = state_lib.init_state(spec, c.model.hf_checkpoint)
+  try:
+    state = state_lib.init_state(spec, c.model.hf_checkpoint)
+  except ValueError as e:  # a bad model folder: missing or mismatched tensors, an index pointing elsewhere
+    raise config_lib.ConfigError("model.hf_checkpoint", str(e).splitlines()[0]) from None
   # The reference is rebuilt from its source on every start (never saved): before any restore.
-  ref_state = state_lib.init_reference(spec, state, c.model.ref_hf_checkpoint)
+  try:
+    ref_state = state_lib.init_reference(spec, state, c.model.ref_hf_checkpoint)
+  except ValueError as e:
+    raise config_lib.ConfigError("model.ref_hf_checkpoint", str(e).splitlines()[0]) from None
   train_ref = eval_ref = None
   if c.dpo.precompute_ref_logps and ref_state is not None:
     kw = dict(batch_size=c.train.eval_batch_size, pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
@@ -262,6 +269,9 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
 def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   """Trains as configured; returns the exit code."""
   is_main = jax.process_index() == 0
+  if is_main:  # what a killed export left (the workdir lease rules out a live one)
+    for name in clean_stale_exports(os.path.join(workdir, "export")):
+      logging.warning("removed the stale export folder %s (left by an interrupted export)", os.path.join(workdir, name))
   setup = build(c, workdir)
   train_ds, eval_ds, mesh = setup.train_ds, setup.eval_ds, setup.mesh
   dpo_cfg, schedule, spec, state, ref_state = setup.dpo_config, setup.schedule, setup.spec, setup.state, setup.ref_state
@@ -273,16 +283,16 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   resolved = json.loads(c.to_json())
   meta = {"config": resolved, "train_fingerprint": train_ds.fingerprint()}
   start = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    saved_meta = checkpointer.read_meta(latest)
-    _check_config_change(saved_meta, meta, c, f"{checkpointer.directory}/{latest}")
-    if dpo_cfg.sync_ref_model:  # TR-DPO: the reference is training state, saved with the policy
-      both = checkpointer.restore(latest, nnx.State({"train": spec.abstract_state, "reference": spec.abstract_ref}),
-                                  nnx.State({"train": spec.shardings, "reference": spec.ref_shardings}))
-      state, ref_state = both["train"], both["reference"]
-    else:
-      state = checkpointer.restore(latest, spec.abstract_state, spec.shardings)
+  abstract, shardings = spec.abstract_state, spec.shardings
+  if dpo_cfg.sync_ref_model:  # TR-DPO: the reference is training state, saved with the policy
+    abstract = nnx.State({"train": spec.abstract_state, "reference": spec.abstract_ref})
+    shardings = nnx.State({"train": spec.shardings, "reference": spec.ref_shardings})
+  resumed = checkpointer.restore_latest(abstract, shardings,
+                                        check_meta=lambda saved, path: _check_config_change(saved, meta, c, path))
+  if resumed is not None:
+    latest, state, saved_meta = resumed
+    if dpo_cfg.sync_ref_model:
+      state, ref_state = state["train"], state["reference"]
     start = int(saved_meta["step"])
     counters["train/nonfinite_steps"] = int(saved_meta.get("counters", {}).get("train/nonfinite_steps", 0))
     logging.info("resumed from %s/%d", checkpointer.directory, latest)
@@ -311,22 +321,26 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   def evaluate(step: int) -> None:
     if eval_ds is None:
       return
+    # Every eval batch is normalised by the counts of the whole eval set (pairs, scored tokens of
+    # each side), so each batch's metrics are its share of the set's and the shares add up; the
+    # filler pairs of a last, partial batch count nowhere (pair_mask).
+    normalizers = eval_normalizers(eval_ds)
     sums: dict[str, float] = {}
-    total_pairs = 0
-    batches = (unpaired_eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
-                                     c.data.pad_multiple, c.data.max_length, "kto" in dpo_cfg.loss_types)
-               if dpo_cfg.unpaired else
-               eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
-                            c.data.pad_multiple, c.data.max_length))
-    for i, local in enumerate(batches):
+    if dpo_cfg.unpaired:  # KTO: each batch's means, weighted by its share of the examples
+      batches = unpaired_eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
+                                      c.data.pad_multiple, c.data.max_length, "kto" in dpo_cfg.loss_types)
+      normalizers = losses.Normalizers(*(np.float32(1.0),) * 3)  # not read by the unpaired losses
+    else:
+      batches = eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
+                             c.data.pad_multiple, c.data.max_length)
+    for local in batches:
+      share = local["global_num_pairs"] / len(eval_ds) if dpo_cfg.unpaired else 1.0
       batch = state_lib.global_batch(local, mesh, with_pair_mask=True, reference_table=eval_ref)
-      m = jax.device_get(compiled("eval", batch)(state, ref_state, batch))
-      real = min(c.train.eval_batch_size, len(eval_ds) - i * c.train.eval_batch_size)
-      total_pairs += real
+      m = jax.device_get(compiled("eval", batch)(state, ref_state, batch, normalizers))
       for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(v) * (real if k != "tokens" else 1)
+        sums[k] = sums.get(k, 0.0) + float(v) * (share if k != "tokens" else 1.0)
     row = {"step": step, "time": time.time()}
-    row.update({f"eval/{k}": v / (total_pairs if k != "tokens" else 1) for k, v in sums.items()})
+    row.update({f"eval/{k}": v for k, v in sums.items()})
     writer.write(row)
     if is_main:
       logging.info("eval at step %d: loss %.4f accuracy %.3f margin %.4f", step, row["eval/loss"],
@@ -339,7 +353,14 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     checkpointer.save(step, saved, dict(meta, step=step, counters=counters))
 
   # --- Loop -----------------------------------------------------------------------------------
-  preemption = _Preemption()
+  # SIGTERM / SIGINT: main installed the handlers at its first line; a library call gets them here.
+  signals, own_signals = signals_lib.active(), False
+  if signals is None:
+    signals, own_signals = signals_lib.Signals(), True
+    try:
+      signals.install()
+    except ValueError:  # not the main thread: no handlers
+      own_signals = False
   nonfinite_run, exit_code = 0, EXIT_OK
   last_log_time, interval_tokens, interval_flops, interval_steps = time.time(), 0.0, 0.0, 0
   loop_start, steps_done = time.time(), 0
@@ -385,6 +406,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         batch = state_lib.global_batch(local, mesh, with_pair_mask=False, reference_table=train_ref)
         pairs_read += int(np.sum(local["pair_indices"] >= 0))
         state, m = compiled("train", batch)(state, ref_state, batch)
+        signals.unsaved = True  # from now on a signal saves first (at the next step boundary)
         if dpo_cfg.sync_ref_model and step % dpo_cfg.ref_model_sync_steps == 0:
           if sync_reference is None:
             sync_reference = state_lib.jit_sync_reference(spec, float(dpo_cfg.ref_model_mixup_alpha))
@@ -398,7 +420,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         pending = (step, m, tokens, flops, pairs)
         if profile and step == profile[1]:
           jax.profiler.stop_trace()
-        preempted = preemption.reached(step)  # every process gets the same answer at the same step
+        preempted = signals.reached(step)  # every process gets the same answer at the same step
         do_eval = bool(c.train.eval_every) and step % c.train.eval_every == 0 and step < c.train.steps
         do_save = preempted or (bool(c.checkpoint.save_every) and step % c.checkpoint.save_every == 0
                                 and step < c.train.steps)
@@ -413,8 +435,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         if do_save:
           save(step)
         if preempted:
-          logging.warning("preempted (SIGTERM): saved step %d; exiting with code %d", step, EXIT_PREEMPTED)
-          exit_code = EXIT_PREEMPTED
+          exit_code = signals.exit_code()
+          logging.warning("%s: saved step %d; exiting with code %d", "interrupted (Ctrl-C)"
+                          if exit_code == signals_lib.EXIT_INTERRUPTED else "preempted (SIGTERM)", step, exit_code)
           break
       if pending is not None and exit_code != EXIT_DIVERGED and not finish_step(*pending):
         exit_code = EXIT_DIVERGED
@@ -423,17 +446,36 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
       if checkpointer.latest_step() != step:
         save(step)
       checkpointer.wait()
+      signals.unsaved = False  # all steps are committed: a signal from here on exits at once
+      if exit_code == EXIT_OK and signals.requested:  # a signal during the final eval or save
+        exit_code = signals.exit_code()
+        logging.warning("stopped by a signal: saved step %d; exiting with code %d", step, exit_code)
       if exit_code == EXIT_OK and c.export.hf:
         model = nnx.merge(spec.graphdef, state)[0]
         tok_dir = _tokenizer_dir(c)
-        export_hf(model, os.path.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir)
-        logging.info("exported the policy to %s", os.path.join(workdir, "export"))
+        export_hf(model, os.path.join(workdir, "export"), dtype=c.export.dtype, tokenizer_dir=tok_dir,
+                  info={"step": step, "checkpoint": f"{checkpointer.directory}/{step}"})
+        logging.info("exported the policy at step %d to %s", step, os.path.join(workdir, "export"))
       logging.info("process %d of %d read %d training pairs", jax.process_index(), jax.process_count(), pairs_read)
   finally:
-    preemption.restore()
-    checkpointer.close()
-    writer.close()
+    if own_signals:
+      signals.uninstall()
+    try:
+      checkpointer.close()
+    finally:
+      writer.close()
   return exit_code
+
+
+def eval_normalizers(dataset: PreferenceDataset) -> losses.Normalizers:
+  """The denominators of the eval metrics: the set's pairs and scored chosen / rejected tokens.
+
+  Every process holds the whole eval set, so each computes the same numbers without a collective.
+  """
+  scored = dataset.scored_lengths.sum(axis=0)
+  # ORPO's NLL: every token of prompt + chosen but the first (each is predicted from the one before).
+  sequence = np.maximum(dataset.offsets[:, 2] - dataset.offsets[:, 0] - 1, 0).sum()
+  return losses.Normalizers(*(np.float32(x) for x in (len(dataset), scored[0], scored[1], sequence)))
 
 
 def _tokenizer_dir(c) -> str | None:

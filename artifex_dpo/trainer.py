@@ -147,6 +147,7 @@ def dpo_loss(
     settings: losses.LossSettings,
     *,
     chunk_size: int = 512,
+    normalizers: losses.Normalizers | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """The configured preference loss of ``batch`` and its metrics.
 
@@ -154,9 +155,11 @@ def dpo_loss(
   rows). Reference log-probs come from the batch when both sides carry them, else from
   ``reference_model`` (never differentiated), else they are zero (only valid when
   ``settings.reference_free`` or no loss needs them; the trainer refuses other cases when built).
+  ``normalizers`` (see :func:`losses.preference_loss`): the counts of a whole batch that
+  ``batch`` is a part of, making the loss and metrics ``batch``'s additive share of the whole's.
   """
   if isinstance(batch, PackedPreferenceBatch):
-    return _packed_dpo_loss(model, reference_model, batch, settings, chunk_size)
+    return _packed_dpo_loss(model, reference_model, batch, settings, chunk_size, normalizers)
   if isinstance(batch, UnpairedBatch):
     return _unpaired_loss(model, reference_model, batch, settings, chunk_size)
   both = concat_sides(batch)
@@ -184,7 +187,7 @@ def dpo_loss(
   (chosen, rejected), (ref_chosen, ref_rejected) = split(policy), split(ref)
   loss, metrics = losses.preference_loss(
       settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask,
-      chosen_sequence_mask=continued_token_mask(both.segment_ids[:n]))
+      chosen_sequence_mask=continued_token_mask(both.segment_ids[:n]), normalizers=normalizers)
   metrics["tokens"] = jnp.sum(both.segment_ids > 0).astype(jnp.float32)
   return loss, metrics
 
@@ -235,7 +238,7 @@ def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch, *, ld
                for i in (0, 1))
 
 
-def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, settings, chunk_size):
+def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, settings, chunk_size, normalizers=None):
   forward = lambda m, wpo=False: token_log_probs(m, batch.sequences, batch.segment_ids, batch.positions, chunk_size,
                                                  batch.prefix_ids, with_log_sum_sq=wpo)
   logps, logit_means, *lss = forward(model, settings.use_weighting)
@@ -257,7 +260,8 @@ def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, setti
   # ORPO's NLL: the whole chosen sequence (a shared prompt counts once, with its chosen branch).
   sequence_mask = continued_token_mask(batch.segment_ids, batch.prefix_ids) & ((side == 0) | (side == -1))
   loss, metrics = losses.preference_loss(settings, chosen, rejected, ref_chosen, ref_rejected, logps, chosen_mask,
-                                         batch.pair_mask.reshape(-1), chosen_sequence_mask=sequence_mask)
+                                         batch.pair_mask.reshape(-1), chosen_sequence_mask=sequence_mask,
+                                         normalizers=normalizers)
   # Tokens of both sequences of every pair, as the unpacked layout counts them (a shared prompt twice).
   metrics["tokens"] = (jnp.sum(side > -2) + jnp.sum(side == -1)).astype(jnp.float32)
   return loss, metrics
@@ -266,6 +270,42 @@ def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, setti
 # --------------------------------------------------------------------------------------------
 # The pure train / eval steps
 # --------------------------------------------------------------------------------------------
+
+
+def batch_normalizers(batch: PreferenceBatch | PackedPreferenceBatch) -> losses.Normalizers:
+  """The denominators of ``batch``'s means, counted from its masks alone (no forward pass).
+
+  Real pairs and the scored response tokens of each side of the real pairs: what
+  :func:`losses.preference_loss` counts itself on a whole batch, so handing these to each
+  microbatch makes the microbatches' losses and metrics add up to the whole batch's.
+  """
+  f32 = lambda x: jnp.sum(x).astype(jnp.float32)
+  if isinstance(batch, UnpairedBatch):
+    return None  # KTO: means over the batch itself (accumulation is refused for it)
+  if isinstance(batch, PackedPreferenceBatch):
+    _, side = batch.slots_and_sides()
+    mask = batch.response_mask
+    sequence = continued_token_mask(batch.segment_ids, batch.prefix_ids) & ((side == 0) | (side == -1))
+    return losses.Normalizers(f32(batch.pair_mask), f32(mask * (side == 0)), f32(mask * (side == 1)), f32(sequence))
+  n = batch.chosen.batch_size
+  w = jnp.ones((n,), jnp.int32) if batch.pair_mask is None else batch.pair_mask
+  return losses.Normalizers(f32(w), f32(batch.chosen.response_mask * w[:, None]),
+                            f32(batch.rejected.response_mask * w[:, None]),
+                            f32(continued_token_mask(batch.chosen.segment_ids) * w[:, None]))
+
+
+def check_accumulation(config: DPOConfig, grad_accum_steps: int) -> None:
+  """Refuses accumulation for losses whose value over a batch is not a sum over its microbatches."""
+  if grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+  if grad_accum_steps > 1 and config.unpaired:
+    raise ValueError(f"loss_type {','.join(config.loss_types)}: KTO's KL reference point is a mean over the batch, "
+                     f"so microbatches cannot add up to it; use grad_accum_steps=1 (got {grad_accum_steps})")
+  coupled = [t for t in config.loss_types if t in losses.BATCH_COUPLED_LOSSES]
+  if grad_accum_steps > 1 and coupled:
+    raise ValueError(f"loss_type {','.join(coupled)} sorts over the whole batch, so microbatches cannot add up to "
+                     f"it: gradient accumulation (grad_accum_steps={grad_accum_steps}) would train a different "
+                     "objective; use grad_accum_steps=1")
 
 
 def _microbatches(batch: PreferenceBatch, num: int) -> PreferenceBatch:
@@ -290,18 +330,19 @@ def make_loss_fn(
     ref_graphdef: nnx.GraphDef | None,
     config: DPOConfig,
 ) -> Callable[[nnx.State, nnx.State | None, PreferenceBatch], tuple[jax.Array, Metrics]]:
-  """``loss_fn(state, ref_state, batch) -> (loss, metrics)``: a pure evaluation of a batch.
+  """``loss_fn(state, ref_state, batch, normalizers=None) -> (loss, metrics)``: a pure evaluation of a batch.
 
-  ``graphdef``/``state`` split either the model alone or ``(model, optimizer)``.
+  ``graphdef``/``state`` split either the model alone or ``(model, optimizer)``. With the
+  ``normalizers`` of a whole eval set, the values are this batch's additive shares of the set's.
   """
   settings = config.loss_settings()
 
-  def loss_fn(state, ref_state, batch):
+  def loss_fn(state, ref_state, batch, normalizers=None):
     model = nnx.merge(graphdef, state)
     if isinstance(model, tuple):
       model = model[0]
     ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
-    return dpo_loss(model, ref, batch, settings, chunk_size=config.logits_chunk_size)
+    return dpo_loss(model, ref, batch, settings, chunk_size=config.logits_chunk_size, normalizers=normalizers)
 
   return loss_fn
 
@@ -319,8 +360,16 @@ def make_train_step(
   policy's ``nnx.Param``s (accumulated over ``grad_accum_steps`` microbatches), applies the
   optimizer, and keeps the old state when the loss or the gradients are not finite (metric
   ``nonfinite`` = 1). ``grad_norm`` is measured before any clipping the optimizer does.
+
+  Accumulation computes the loss of the whole batch, not a mean of microbatch means: every
+  microbatch is normalised by the whole batch's counts (:func:`batch_normalizers`: real pairs,
+  scored tokens), so microbatches holding different numbers of pairs or tokens (packed rows,
+  padded pairs of varying lengths) weigh what they hold, and the summed gradients and metrics
+  equal those of the batch taken at once. Losses that sort over the batch are refused
+  (:func:`check_accumulation`).
   """
   settings = config.loss_settings()
+  check_accumulation(config, grad_accum_steps)
 
   def step(state, ref_state, batch):
     # Arrays are immutable: keep the incoming ones (merge may reuse the state's Variables).
@@ -329,9 +378,14 @@ def make_train_step(
     m_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
 
+    # Counted over the whole global batch (under jit a sum over the sharded batch is a global
+    # reduction, so every device and process uses the same counts), handed to every microbatch.
+    normalizers = batch_normalizers(batch)
+
     def loss_of(p, rest_state, micro):
       m = nnx.merge(m_graphdef, p, rest_state)
-      loss, metrics = dpo_loss(m, ref, micro, settings, chunk_size=config.logits_chunk_size)
+      loss, metrics = dpo_loss(m, ref, micro, settings, chunk_size=config.logits_chunk_size,
+                               normalizers=normalizers)
       _, _, new_rest = nnx.split(m, nnx.Param, ...)  # e.g. advanced dropout RNG counters
       return loss, (metrics, new_rest)
 
@@ -348,9 +402,8 @@ def make_train_step(
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       (grads, rest), per_micro = jax.lax.scan(body, (zeros, rest), micro)
-      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-      metrics = jax.tree.map(jnp.mean, per_micro)
-      metrics["tokens"] = jnp.sum(per_micro["tokens"])
+      # Each microbatch's loss, gradient and metrics are its share of the whole batch's: sums.
+      metrics = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_micro)
       loss = metrics["loss"]
 
     grad_norm = optax.global_norm(grads)
@@ -395,10 +448,12 @@ class DPOTrainer:
       loss reads the reference (``simpo``, ``sft``).
     optimizer: an ``nnx.Optimizer`` over ``model``'s parameters.
     config: the loss configuration.
-    grad_accum_steps: microbatches per update (the batch size must divide by it).
+    grad_accum_steps: microbatches per update (the batch size, or the number of packed rows,
+      must divide by it); the update equals that of the whole batch at once.
 
   Raises:
-    ValueError: when the losses need a reference and none is available.
+    ValueError: when the losses need a reference and none is available, or accumulation is
+      asked of a loss that sorts over the batch (``aot``, ``aot_unpaired``).
   """
 
   def __init__(
@@ -417,8 +472,7 @@ class DPOTrainer:
           f"{','.join(self.config.loss_types)} needs a reference; pass a reference model, set "
           "DPOConfig.reference_free=True, or set DPOConfig.precompute_ref_logps=True and give batches "
           "reference_log_probs")
-    if grad_accum_steps < 1:
-      raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    check_accumulation(self.config, grad_accum_steps)
     if self.config.sync_ref_model and reference_model is not None:
       shapes = lambda m: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(m, nnx.Param)))
       if shapes(reference_model) != shapes(model):

@@ -85,7 +85,8 @@ def test_truncation_drops_are_counted(tmp_path, tok):
   ds = PreferenceDataset.from_files(path, tok, max_length=8)
   assert len(ds) == 1 and ds.num_dropped_truncated == 1
   assert ds.max_sequence_length <= 8
-  with pytest.raises(DataError, match=r"no usable preference pairs \(0 invalid, 2 dropped by truncation\)"):
+  with pytest.raises(DataError, match=r"no usable preference pairs \(0 invalid, 2 dropped by truncation, 0 with "
+                                      r"identical chosen and rejected\)"):
     PreferenceDataset.from_files(path, tok, max_length=2)
 
 

@@ -106,8 +106,7 @@ def _check_dpo(cfg, seed):
   return float(ours)
 
 
-# TRL 1.16 raises on "sft" with use_weighting (an in-place multiply of an expanded tensor); here sft is
-# weighted by the mean pair weight, which is what its per-pair expansion means.
+# TRL 1.16 raises on "sft" with use_weighting (an in-place multiply of an expanded tensor); here it exits 2.
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "sigmoid,hinge", "apo_zero", "bco_pair"])
 def test_wpo_weighting_matches_trl(loss_type):
   on = _check_dpo(DPOConfig(beta=0.3, loss_type=loss_type, use_weighting=True), seed=1)
@@ -322,6 +321,7 @@ def test_kto_filler_examples_count_nowhere():
     (dict(cpo_alpha=1.0), "cpo_alpha"),
     (dict(alpha=0.2), "alpha"),
     (dict(ld_alpha=1.5), "ld_alpha"),
+    (dict(loss_type="sigmoid,sft", use_weighting=True), "use_weighting"),
     (dict(f_divergence_type="chi2"), "f_divergence_type"),
     (dict(sync_ref_model=True, precompute_ref_logps=True), "sync_ref_model.*precompute_ref_logps"),
     (dict(sync_ref_model=True, reference_free=True), "sync_ref_model"),

@@ -48,7 +48,7 @@ KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
         "logps/rejected")
 # f-DPO and AlphaPO act on sequence sums only (nothing per-token), so the layouts cannot differ for them.
 CONFIGS = {
-    "ld_wpo": dict(ld_alpha=0.3, use_weighting=True, loss_type="sigmoid,sft", beta=0.5),
+    "ld_wpo": dict(ld_alpha=0.3, use_weighting=True, loss_type="sigmoid,hinge", beta=0.5),
     "orpo": dict(loss_type="orpo", reference_free=True, beta=0.5),
 }
 
@@ -77,7 +77,7 @@ def test_layouts_agree(setup, name):
     for k in KEYS + extra:
       np.testing.assert_allclose(float(m[k]), float(m_plain[k]), rtol=2e-5, atol=1e-5, err_msg=f"{k} share={share}")
   # The option changes the loss (the test would not notice a path that ignores it).
-  base = {"ld_wpo": dict(loss_type="sigmoid,sft"), "orpo": dict(loss_type="simpo", reference_free=True)}
+  base = {"ld_wpo": dict(loss_type="sigmoid,hinge"), "orpo": dict(loss_type="simpo", reference_free=True)}
   base_settings = DPOConfig(**base[name], beta=CONFIGS[name]["beta"]).loss_settings()
   plain_base, _ = jax.jit(lambda b: dpo_loss(policy, ref, b, base_settings, chunk_size=32))(_plain(ds))
   assert abs(float(plain_base) - float(m_plain["loss"])) > 1e-4

@@ -40,13 +40,13 @@ def model():
 
 
 def test_shapes_and_dtypes(model):
+  """Shapes and dtypes only; the values are checked against transformers (test_hf, test_token_logps)."""
   tokens = _tokens((2, 8))
   logits = model(tokens)
   assert logits.shape == (2, 8, TINY.vocab_size) and logits.dtype == jnp.float32
   hidden = model.hidden_states(tokens)
   assert hidden.shape == (2, 8, TINY.hidden_size) and hidden.dtype == jnp.float32
   assert model.unembedding().shape == (TINY.hidden_size, TINY.vocab_size)
-  np.testing.assert_allclose(logits, hidden @ model.unembedding(), rtol=1e-5, atol=1e-5)
   assert model.layers.q_proj.shape == (2, 64, 4, 16)
   assert model.layers.k_proj.shape == (2, 64, 2, 16)
   assert model.layers.o_proj.shape == (2, 4, 16, 64)

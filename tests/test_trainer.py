@@ -85,12 +85,17 @@ def test_seed_quick_start_runs_as_documented():
        - (seq_logps(model, rejected_sequences, rejected_loss_mask) - seq_logps(reference_model, rejected_sequences, rejected_loss_mask)))
   expected = np.mean(np.logaddexp(0.0, -0.1 * d))
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  model_before = PolicyModel(rngs=nnx.Rngs(0))  # a copy of the weights the SimPO step starts from
+  nnx.update(model_before, jax.tree.map(jnp.asarray, before))
 
-  # SimPO / reference-free mode, as documented.
+  # SimPO / reference-free mode, as documented: -log sigmoid(beta * (mean log-prob chosen - mean log-prob
+  # rejected)), gamma 0, no reference (the numpy log-probs of the same policy weights, per response token).
   simpo = DPOTrainer(model=model, reference_model=None, optimizer=optimizer,
                      config=DPOConfig(beta=2.0, reference_free=True))
   loss2, _ = simpo.train_step(batch)
-  assert np.isfinite(float(loss2))
+  mean_c = seq_logps(model_before, chosen_sequences, chosen_loss_mask) / chosen_loss_mask.sum(-1)
+  mean_r = seq_logps(model_before, rejected_sequences, rejected_loss_mask) / rejected_loss_mask.sum(-1)
+  np.testing.assert_allclose(float(loss2), np.mean(np.logaddexp(0.0, -2.0 * (mean_c - mean_r))), rtol=1e-5)
 
 
 def _trainer(config=DPOConfig(), tx=None, ref=True, accum=1):

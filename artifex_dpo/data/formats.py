@@ -251,7 +251,8 @@ def _ids(record: Mapping[str, Any], key: str, vocab_size: int, path: str, line: 
 
 
 def parse_record(
-    record: Mapping[str, Any], tokenizer: Tokenizer, path: str = "<record>", line: int | None = None
+    record: Mapping[str, Any], tokenizer: Tokenizer, path: str = "<record>", line: int | None = None,
+    id_limit: int | None = None,
 ) -> PairTexts | TokenizedPair:
   """Validates a record and turns it into texts (or ids, for a pre-tokenized record).
 
@@ -260,6 +261,8 @@ def parse_record(
     tokenizer: Needed for chat templates and the vocabulary size.
     path: File name for error messages.
     line: Record number for error messages.
+    id_limit: pre-tokenized ids must lie in ``[0, id_limit)``; None: the tokenizer's vocabulary
+      (a run passes the model's vocabulary: the tokenizer plays no part for ids).
 
   Returns:
     `PairTexts` to tokenize, or a `TokenizedPair` for pre-tokenized records.
@@ -269,7 +272,7 @@ def parse_record(
   """
   fmt = detect_record_format(record, path, line)
   if fmt == "pretokenized":
-    v = tokenizer.vocab_size
+    v = tokenizer.vocab_size if id_limit is None else id_limit
     return TokenizedPair(
         _ids(record, "prompt_ids", v, path, line, allow_empty=True),
         _ids(record, "chosen_ids", v, path, line, allow_empty=False),

@@ -82,7 +82,18 @@ class PreferenceDataset:
     num_skipped_invalid: Records skipped as invalid (``skip_invalid=True``).
     num_dropped_truncated: Pairs dropped because truncation emptied a response.
     skipped_messages: The first few skip messages (``file:line: ...``).
+    num_identical_pairs: Pairs dropped because chosen and rejected were the same tokens (after
+      truncation): they carry no preference.
+    num_truncated_prompts: Kept pairs whose prompt ``data.max_prompt_length`` cut.
+    num_truncated_responses: Responses (chosen and rejected each count) of kept pairs that
+      ``data.max_length`` cut.
   """
+
+  num_identical_pairs = 0
+  num_truncated_prompts = 0
+  num_truncated_responses = 0
+  COUNTERS = ("num_skipped_invalid", "num_dropped_truncated", "num_identical_pairs", "num_truncated_prompts",
+              "num_truncated_responses")
 
   def __init__(
       self,
@@ -138,8 +149,12 @@ class PreferenceDataset:
       max_prompt_length: int | None = None,
       truncation_mode: str = "keep_end",
       skip_invalid: bool = False,
+      id_limit: int | None = None,
   ) -> PreferenceDataset:
     """First pass: reads, validates, tokenizes and truncates every record.
+
+    Pairs whose chosen and rejected tokens are identical (after truncation) are dropped and
+    counted; truncated prompts and responses are counted (see the class's attributes).
 
     Args:
       files: Globs (``data.train_files``: comma-separated string or list).
@@ -149,6 +164,8 @@ class PreferenceDataset:
       max_prompt_length: ``data.max_prompt_length``.
       truncation_mode: ``data.truncation_mode``.
       skip_invalid: ``data.skip_invalid``: skip and count bad records instead of failing.
+      id_limit: pre-tokenized ids must lie in ``[0, id_limit)`` (the model's vocabulary); None:
+        the tokenizer's.
 
     Returns:
       The dataset, records in file order (files sorted).
@@ -160,7 +177,7 @@ class PreferenceDataset:
     paths = expand_files(files)
     pairs: list[TokenizedPair] = []
     skipped: list[str] = []
-    counts = {"invalid": 0, "dropped": 0}
+    counts = {"invalid": 0, "dropped": 0, "identical": 0, "prompts": 0, "responses": 0}
     pending: list[tuple[str, int, PairTexts | TokenizedPair]] = []
 
     def flush():
@@ -168,11 +185,16 @@ class PreferenceDataset:
       tokenized = iter(tokenize_pairs(texts, tokenizer))
       for _, _, parsed in pending:
         pair = next(tokenized) if isinstance(parsed, PairTexts) else parsed
-        pair, reason = truncate_pair(pair, settings, tokenizer.bos_id)
-        if pair is None:
+        cut, reason = truncate_pair(pair, settings, tokenizer.bos_id)
+        if cut is None:
           counts["dropped"] += 1
+        elif np.array_equal(cut.chosen_ids, cut.rejected_ids):
+          counts["identical"] += 1
         else:
-          pairs.append(pair)
+          counts["prompts"] += len(cut.prompt_ids) < len(pair.prompt_ids)
+          counts["responses"] += (len(cut.chosen_ids) < len(pair.chosen_ids)) + (
+              len(cut.rejected_ids) < len(pair.rejected_ids))
+          pairs.append(cut)
       pending.clear()
 
     for path in paths:
@@ -180,7 +202,7 @@ class PreferenceDataset:
         try:
           if isinstance(record, DataError):
             raise record
-          pending.append((path, line, parse_record(record, tokenizer, path, line)))
+          pending.append((path, line, parse_record(record, tokenizer, path, line, id_limit)))
         except DataError as e:
           if not skip_invalid:
             raise
@@ -196,15 +218,20 @@ class PreferenceDataset:
           ",".join(paths),
           None,
           f"no usable preference pairs ({counts['invalid']} invalid, "
-          f"{counts['dropped']} dropped by truncation)",
+          f"{counts['dropped']} dropped by truncation, {counts['identical']} with identical chosen and "
+          "rejected)",
       )
-    return cls.from_pairs(
+    dataset = cls.from_pairs(
         pairs,
         tokenizer.pad_id,
         num_skipped_invalid=counts["invalid"],
         num_dropped_truncated=counts["dropped"],
         skipped_messages=skipped,
     )
+    dataset.num_identical_pairs = counts["identical"]
+    dataset.num_truncated_prompts = counts["prompts"]
+    dataset.num_truncated_responses = counts["responses"]
+    return dataset
 
   # ----------------------------------------------------------------- access
 
@@ -215,6 +242,16 @@ class PreferenceDataset:
     o = self.offsets[i]
     t = self.tokens
     return TokenizedPair(t[o[0] : o[1]], t[o[1] : o[2]], t[o[2] : o[3]])
+
+  @property
+  def scored_lengths(self) -> np.ndarray:
+    """int64 [N, 2]: the scored (response) tokens of chosen, rejected, as `make_batch` masks them.
+
+    A response's first token is scored unless the prompt is empty (position 0 has no context).
+    """
+    o = self.offsets
+    empty_prompt = (o[:, 1] == o[:, 0]).astype(np.int64)
+    return np.stack([o[:, 2] - o[:, 1], o[:, 3] - o[:, 2]], axis=1) - empty_prompt[:, None]
 
   @property
   def max_sequence_length(self) -> int:
@@ -287,8 +324,8 @@ def eval_split(
   held = np.zeros(n, bool)
   held[perm[:n_eval]] = True
   train, evaluation = dataset.subset(np.flatnonzero(~held)), dataset.subset(np.flatnonzero(held))
-  train.num_skipped_invalid = dataset.num_skipped_invalid
-  train.num_dropped_truncated = dataset.num_dropped_truncated
+  for name in PreferenceDataset.COUNTERS:
+    setattr(train, name, getattr(dataset, name))
   return train, evaluation
 
 

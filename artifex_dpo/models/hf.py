@@ -35,6 +35,7 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHITECTURES.items()}
+EXPORT_INFO_FILE = "artifex_dpo_export.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -405,6 +406,12 @@ class CheckpointReader:
     else:
       raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.path}")
     self.weight_map: dict[str, str] = dict(weight_map)
+    root = self.path.resolve()
+    for name, fname in self.weight_map.items():
+      # An index is input: its entries must name files in this folder (no ../, no absolute paths, no
+      # symlinks out of it).
+      if not isinstance(fname, str) or (root / fname).resolve().parent != root:
+        raise ValueError(f"{self.source}: tensor {name!r} points outside the model folder ({fname!r})")
     self._handles: dict[str, Any] = {}
 
   def file_of(self, name: str) -> str:
@@ -677,6 +684,7 @@ def export_hf(
     dtype: str = "float32",
     max_shard_bytes: int = 2 * 1024**3,
     tokenizer_dir: str | os.PathLike | None = None,
+    info: dict[str, Any] | None = None,
 ) -> Path:
   """Writes ``model`` as an HF folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -696,6 +704,10 @@ def export_hf(
     dtype: "float32" or "bfloat16" for the stored weights.
     max_shard_bytes: largest shard size.
     tokenizer_dir: folder to copy tokenizer files from, or None.
+    info: written as ``EXPORT_INFO_FILE`` (e.g. the training step the weights are from).
+
+  Every file gets mode 0644 (safetensors writes 0600), so a server running as another user can read
+  the folder. :func:`clean_stale_exports` removes what a killed export leaves behind.
 
   Returns:
     ``out_dir`` as a Path.
@@ -735,12 +747,40 @@ def export_hf(
         _write_json(tmp / INDEX_FILE, index)
       _write_json(tmp / "config.json", hf_config)
       _write_aux_files(tmp, model.config, tokenizer_dir)
+      if info is not None:
+        _write_json(tmp / EXPORT_INFO_FILE, info)
+      for path in tmp.iterdir():
+        os.chmod(path, 0o644)
+      os.chmod(tmp, 0o755)
       _replace_dir(tmp, out)
   except BaseException:
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
+
+
+def clean_stale_exports(out_dir: str | os.PathLike) -> list[str]:
+  """Removes the temporary folders a killed :func:`export_hf` left beside ``out_dir``.
+
+  A ``.<name>.old-*`` folder is the previous export, moved aside just before the new one took its
+  place: restored when ``out_dir`` is missing (killed between the two renames), else removed.
+  Call it only while no export is running (the workdir lease guarantees that for a run).
+
+  Returns:
+    The names removed.
+  """
+  out = Path(out_dir)
+  if not out.parent.is_dir():
+    return []
+  removed = []
+  for path in sorted(out.parent.glob(f".{out.name}.old-*")) + sorted(out.parent.glob(f".{out.name}.tmp-*")):
+    if ".old-" in path.name and not out.exists():
+      os.replace(path, out)
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path.name)
+  return removed
 
 
 def _write_json(path: Path, obj: Any) -> None:
