@@ -30,6 +30,8 @@ class UnpairedDataset:
     self.pad_id = pad_id
     self.num_skipped_invalid = num_skipped_invalid
     self.num_dropped_truncated = num_dropped_truncated
+    # The paired data counters the service logs (not counted for unpaired examples yet).
+    self.num_identical_pairs = self.num_truncated_prompts = self.num_truncated_responses = 0
     self.lengths = np.asarray([len(e.prompt_ids) + len(e.completion_ids) for e in self.examples], np.int64)
 
   @classmethod
