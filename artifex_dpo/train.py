@@ -324,7 +324,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     # Every eval batch is normalised by the counts of the whole eval set (pairs, scored tokens of
     # each side), so each batch's metrics are its share of the set's and the shares add up; the
     # filler pairs of a last, partial batch count nowhere (pair_mask).
-    normalizers = eval_normalizers(eval_ds)
+    normalizers = None if dpo_cfg.unpaired else eval_normalizers(eval_ds)
     sums: dict[str, float] = {}
     if dpo_cfg.unpaired:  # KTO: each batch's means, weighted by its share of the examples
       batches = unpaired_eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
