@@ -11,6 +11,7 @@ _PUBLIC = {
     "DPOTrainer": "artifex_dpo.trainer",
     "GeneratedSequenceBatch": "artifex_dpo.types",
     "PreferenceBatch": "artifex_dpo.types",
+    "UnpairedBatch": "artifex_dpo.types",
 }
 __all__ = list(_PUBLIC)
 

@@ -76,6 +76,18 @@ DOCS: dict[str, str] = {
                              "log-softmax: each device holds about this many tokens' float32 logits at a time",
     "dpo.precompute_ref_logps": "score the data with the reference once before training (cached in "
                                 "workdir/ref_logps); then no reference model in memory and no reference forward",
+    "dpo.f_divergence_type": "f-DPO divergence: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence "
+                             "(non-default only with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft)",
+    "dpo.f_alpha_divergence_coef": "alpha of f_divergence_type=alpha_divergence",
+    "dpo.use_weighting": "WPO: weight each pair by the policy's length-normalised probabilities of both responses",
+    "dpo.ld_alpha": "LD-DPO: weight of response tokens beyond the pair's shorter response, in [0, 1]; unset: off",
+    "dpo.cpo_alpha": "CPO: weight of the chosen NLL term with reference_free=True (TRL's default 1.0); unset: off",
+    "dpo.alpha": "AlphaPO reward shape (1 - p^-alpha)/alpha for reference-free sigmoid/hinge/ipo/simpo/alphapo; 0: off",
+    "dpo.desirable_weight": "KTO: weight of desirable (label true) examples",
+    "dpo.undesirable_weight": "KTO: weight of undesirable (label false) examples",
+    "dpo.sync_ref_model": "TR-DPO: every ref_model_sync_steps updates, reference = a * policy + (1 - a) * reference",
+    "dpo.ref_model_mixup_alpha": "TR-DPO mix a in [0, 1] (1: hard copy)",
+    "dpo.ref_model_sync_steps": "TR-DPO: updates between reference syncs",
     "optim.name": "optimizer: adamw | adam | sgd",
     "optim.learning_rate": "peak learning rate",
     "optim.schedule": "learning-rate schedule after warmup: cosine | linear | constant",
@@ -133,7 +145,10 @@ def default_config() -> ml_collections.ConfigDict:
                 pad_multiple=64, packing=False, pack_batches=False, share_prompt=False, pack_length=0, max_pairs_per_row=0, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
   c.dpo = dict(beta=0.1, label_smoothing=0.0, reference_free=False, loss_type="", loss_weights="",
                logp_reduction="sum", simpo_gamma=0.0, rpo_alpha=placeholder(float), discopop_tau=0.05,
-               logits_chunk_size=512, precompute_ref_logps=False)
+               logits_chunk_size=512, precompute_ref_logps=False, f_divergence_type="reverse_kl",
+               f_alpha_divergence_coef=0.5, use_weighting=False, ld_alpha=placeholder(float),
+               cpo_alpha=placeholder(float), alpha=0.0, desirable_weight=1.0, undesirable_weight=1.0,
+               sync_ref_model=False, ref_model_mixup_alpha=0.6, ref_model_sync_steps=512)
   c.optim = dict(name="adamw", learning_rate=1e-6, schedule="cosine", warmup_steps=0, end_lr_fraction=0.0,
                  weight_decay=0.0, grad_clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(steps=100, global_batch_size=8, grad_accum_steps=1, log_every=10, eval_every=0,
@@ -236,13 +251,17 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
     raise ConfigError("train.global_batch_size", f"{c.train.global_batch_size} is not divisible by "
                                                  f"train.grad_accum_steps={c.train.grad_accum_steps}")
   if c.train.grad_accum_steps > 1:
-    from artifex_dpo.losses import BATCH_COUPLED_LOSSES  # light import: no devices
+    from artifex_dpo.losses import BATCH_COUPLED_LOSSES, UNPAIRED_LOSSES  # light import: no devices
 
     coupled = [t.strip() for t in (c.dpo.loss_type or "").split(",") if t.strip() in BATCH_COUPLED_LOSSES]
     if coupled:
       raise ConfigError("train.grad_accum_steps", f"must be 1 with dpo.loss_type={c.dpo.loss_type}: "
                                                   f"{','.join(coupled)} sorts over the whole batch, which "
                                                   "microbatches cannot add up to")
+    if [t for t in (c.dpo.loss_type or "").split(",") if t.strip() in UNPAIRED_LOSSES]:
+      raise ConfigError("train.grad_accum_steps", f"must be 1 with dpo.loss_type={c.dpo.loss_type}: KTO's KL "
+                                                  "reference point is a mean over the batch, which microbatches "
+                                                  "cannot add up to")
   _choice(c, "optim.name", ("adamw", "adam", "sgd"))
   _choice(c, "optim.schedule", ("cosine", "linear", "constant"))
   if not 0.0 <= c.optim.end_lr_fraction <= 1.0:
@@ -258,6 +277,9 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
     except ValueError as e:
       m = re.search(r"LoraConfig\.(\w+)", str(e))
       raise ConfigError(f"lora.{m.group(1)}" if m else "lora", str(e)) from None
+    if c.dpo.sync_ref_model:  # as TRL: the reference is the frozen base, there is no reference copy to mix
+      raise ConfigError("dpo.sync_ref_model", "TR-DPO mixes the policy into a reference copy; with lora.rank > 0 "
+                                              "the reference is the frozen base (TRL refuses this combination too)")
   elif c.export.format != "hf":
     raise ConfigError("export.format", f"{c.export.format!r} exports adapters: it needs lora.rank > 0")
   for axis in ("data", "fsdp", "tensor"):
@@ -276,10 +298,21 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
       raise ConfigError("train.profile_steps", f"must be 'start,stop' with 0 < start < stop, got "
                                                f"{c.train.profile_steps!r}") from None
   try:
-    dpo_config(c)
+    dpo_cfg = dpo_config(c)
   except ValueError as e:
     m = re.search(r"DPOConfig\.(\w+)", str(e))
     raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
+  if dpo_cfg.unpaired:  # KTO in the service: padded batches, live reference (what is not there yet is refused)
+    if c.dpo.precompute_ref_logps:
+      raise ConfigError("dpo.precompute_ref_logps", "cannot be used with KTO here: its KL rows pair each prompt with "
+                                                    "another completion of the same batch, so they change with the "
+                                                    "batch order and cannot be scored once per example")
+    for key in ("data.packing", "data.pack_batches", "data.skip_invalid"):
+      if _get(c, key):
+        raise ConfigError(key, f"is not supported with the unpaired loss {c.dpo.loss_type!r} (KTO) yet")
+    if "kto" in dpo_cfg.loss_types and c.train.global_batch_size // c.train.grad_accum_steps < 2:
+      raise ConfigError("train.global_batch_size", "KTO needs at least 2 examples per (micro)batch: its KL "
+                                                   "reference point pairs each prompt with another completion")
 
 
 def _check_files(c: ml_collections.ConfigDict) -> None:
@@ -323,5 +356,16 @@ def dpo_config(c: ml_collections.ConfigDict):
       discopop_tau=c.dpo.discopop_tau,
       logits_chunk_size=c.dpo.logits_chunk_size,
       precompute_ref_logps=c.dpo.precompute_ref_logps,
+      f_divergence_type=c.dpo.f_divergence_type,
+      f_alpha_divergence_coef=c.dpo.f_alpha_divergence_coef,
+      use_weighting=c.dpo.use_weighting,
+      ld_alpha=c.dpo.ld_alpha,
+      cpo_alpha=c.dpo.cpo_alpha,
+      alpha=c.dpo.alpha,
+      desirable_weight=c.dpo.desirable_weight,
+      undesirable_weight=c.dpo.undesirable_weight,
+      sync_ref_model=c.dpo.sync_ref_model,
+      ref_model_mixup_alpha=c.dpo.ref_model_mixup_alpha,
+      ref_model_sync_steps=c.dpo.ref_model_sync_steps,
   )
 

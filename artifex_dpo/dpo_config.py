@@ -35,6 +35,23 @@ class DPOConfig:
       service counts it per device (rows split over the mesh's batch axes).
     precompute_ref_logps: batches carry precomputed ``reference_log_probs`` on both sides, so no
       reference model is needed (a batch without them is then an error, never reference-free).
+    f_divergence_type: f-DPO divergence: ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence``,
+      ``alpha_divergence``; a non-default value only with the losses of
+      ``losses.F_DIVERGENCE_LOSSES`` (TRL's rule).
+    f_alpha_divergence_coef: the alpha of ``alpha_divergence``.
+    use_weighting: WPO: weight each pair's loss by the policy's length-normalised sequence
+      probabilities of both responses (no gradient through the weights).
+    ld_alpha: LD-DPO: weight of the response tokens beyond the shorter response of the pair, in
+      [0, 1] (None: off; 1.0 is plain DPO).
+    cpo_alpha: CPO's NLL weight on the chosen responses (reference-free losses only; TRL's CPO
+      default is 1.0, here None = 0 so that ``reference_free`` keeps its seed meaning).
+    alpha: AlphaPO reward shape ``(1 - p^-alpha) / alpha`` for the reference-free (CPO) losses
+      sigmoid / hinge / ipo / simpo / alphapo; 0: log-prob rewards.
+    desirable_weight, undesirable_weight: KTO weights of desirable / undesirable examples.
+    sync_ref_model: TR-DPO: every ``ref_model_sync_steps`` updates the reference becomes
+      ``ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference``.
+    ref_model_mixup_alpha: the TR-DPO mix (1.0: a hard copy).
+    ref_model_sync_steps: updates between TR-DPO syncs.
   """
 
   beta: float = 0.1
@@ -48,6 +65,17 @@ class DPOConfig:
   discopop_tau: float = 0.05
   logits_chunk_size: int = 512
   precompute_ref_logps: bool = False
+  f_divergence_type: str = "reverse_kl"
+  f_alpha_divergence_coef: float = 0.5
+  use_weighting: bool = False
+  ld_alpha: float | None = None
+  cpo_alpha: float | None = None
+  alpha: float = 0.0
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+  sync_ref_model: bool = False
+  ref_model_mixup_alpha: float = 0.6
+  ref_model_sync_steps: int = 512
 
   def __post_init__(self):
     self.loss_settings()  # validates
@@ -99,6 +127,7 @@ class DPOConfig:
       raise ValueError(f"DPOConfig.discopop_tau must be > 0, got {self.discopop_tau}")
     if self.logits_chunk_size < 1:
       raise ValueError(f"DPOConfig.logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
+    self._check_family(names)
     return losses.LossSettings(
         loss_types=names,
         loss_weights=weights,
@@ -109,9 +138,96 @@ class DPOConfig:
         logp_reduction=self.logp_reduction,
         discopop_tau=float(self.discopop_tau),
         reference_free=bool(self.reference_free),
+        f_divergence_type=self.f_divergence_type,
+        f_alpha_divergence_coef=float(self.f_alpha_divergence_coef),
+        use_weighting=bool(self.use_weighting),
+        ld_alpha=None if self.ld_alpha is None else float(self.ld_alpha),
+        cpo_alpha=None if self.cpo_alpha is None else float(self.cpo_alpha),
+        alpha=float(self.alpha),
+        desirable_weight=float(self.desirable_weight),
+        undesirable_weight=float(self.undesirable_weight),
     )
+
+  def _check_family(self, names: tuple[str, ...]) -> None:
+    """The options of TR-DPO, WPO, LD-DPO, f-DPO, ORPO, CPO/AlphaPO and KTO, and their bad combinations."""
+    listed = ",".join(names)
+    if self.f_divergence_type not in losses.F_DIVERGENCE_TYPES:
+      raise ValueError(f"DPOConfig.f_divergence_type must be one of {', '.join(losses.F_DIVERGENCE_TYPES)}, "
+                       f"got {self.f_divergence_type!r}")
+    if self.f_divergence_type != "reverse_kl" and not set(names) <= losses.F_DIVERGENCE_LOSSES:
+      raise ValueError(f"DPOConfig.f_divergence_type={self.f_divergence_type!r} works only with the losses "
+                       f"{', '.join(sorted(losses.F_DIVERGENCE_LOSSES))} (as TRL), not {listed}")
+    if self.use_weighting and "sft" in names:
+      raise ValueError("DPOConfig.use_weighting (WPO) does not work with 'sft' (TRL 1.16 fails on it: the batch "
+                       "NLL has no per-pair value to weight)")
+    if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
+      raise ValueError("DPOConfig.use_weighting (WPO) does not work with 'aot'/'aot_unpaired': they sort the "
+                       "pairs, which would misalign the per-pair weights (as TRL)")
+    if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+      raise ValueError(f"DPOConfig.ld_alpha must be in [0, 1], got {self.ld_alpha}")
+    for key in ("desirable_weight", "undesirable_weight"):
+      if not getattr(self, key) > 0:
+        raise ValueError(f"DPOConfig.{key} must be > 0, got {getattr(self, key)}")
+    own_family = set(names) & (losses.UNPAIRED_LOSSES | {"orpo"})
+    if own_family and len(names) > 1:
+      raise ValueError(f"DPOConfig.loss_type: {sorted(own_family)[0]!r} cannot be combined with other losses, got "
+                       f"{listed}")
+    paired_only = dict(label_smoothing=0.0, rpo_alpha=None, cpo_alpha=None, use_weighting=False, ld_alpha=None,
+                       f_divergence_type="reverse_kl", alpha=0.0, logp_reduction="sum", reference_free=False)
+    if set(names) & losses.UNPAIRED_LOSSES:
+      for key, default in paired_only.items():
+        if getattr(self, key) != default:
+          raise ValueError(f"DPOConfig.{key} is an option of the paired losses; loss {listed!r} (unpaired, TRL's "
+                           f"KTOTrainer) does not take it (leave it at {default!r})")
+    else:
+      for key in ("desirable_weight", "undesirable_weight"):
+        if getattr(self, key) != 1.0:
+          raise ValueError(f"DPOConfig.{key} is an option of the unpaired losses (kto, apo_zero_unpaired), not of "
+                           f"{listed}")
+    if "orpo" in names:
+      for key, default in paired_only.items():
+        if key != "reference_free" and getattr(self, key) != default:
+          raise ValueError(f"DPOConfig.{key} is not an option of loss 'orpo' (TRL's ORPO has no such option)")
+      if not self.reference_free:
+        raise ValueError("DPOConfig.reference_free must be True for loss 'orpo': ORPO never reads a reference "
+                         "model (set reference_free=True; no reference is then kept in memory)")
+    cpo_losses = {"sigmoid", "hinge", "ipo", "simpo", "alphapo"}
+    if "alphapo" in names and not self.reference_free:
+      raise ValueError("DPOConfig.reference_free must be True for loss 'alphapo' (TRL's CPO family is "
+                       "reference-free)")
+    if self.cpo_alpha is not None:
+      if not self.reference_free or not set(names) <= cpo_losses | {"sft"}:
+        raise ValueError("DPOConfig.cpo_alpha is CPO's NLL weight: it needs reference_free=True and losses among "
+                         f"{', '.join(sorted(cpo_losses))}, got reference_free={self.reference_free}, {listed}")
+      if self.cpo_alpha < 0:
+        raise ValueError(f"DPOConfig.cpo_alpha must be >= 0, got {self.cpo_alpha}")
+      if self.rpo_alpha is not None:
+        raise ValueError("DPOConfig.cpo_alpha and DPOConfig.rpo_alpha are the same NLL term; set one")
+    if self.alpha != 0.0:
+      if not self.reference_free or not set(names) <= cpo_losses:
+        raise ValueError("DPOConfig.alpha (AlphaPO reward shape) needs reference_free=True and losses among "
+                         f"{', '.join(sorted(cpo_losses))}, got reference_free={self.reference_free}, {listed}")
+      if self.f_divergence_type != "reverse_kl":
+        raise ValueError("DPOConfig.alpha and DPOConfig.f_divergence_type both reshape the rewards; set one")
+    if self.sync_ref_model:
+      if self.precompute_ref_logps:
+        raise ValueError("DPOConfig.sync_ref_model cannot be combined with DPOConfig.precompute_ref_logps: "
+                         "precomputed reference log-probs assume a fixed reference, TR-DPO updates it (as TRL)")
+      if not self.needs_reference:
+        raise ValueError(f"DPOConfig.sync_ref_model needs a loss that reads a reference; {listed} with "
+                         f"reference_free={self.reference_free} reads none")
+      if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+        raise ValueError(f"DPOConfig.ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
+      if int(self.ref_model_sync_steps) != self.ref_model_sync_steps or self.ref_model_sync_steps < 1:
+        raise ValueError(f"DPOConfig.ref_model_sync_steps must be an integer >= 1, got {self.ref_model_sync_steps}")
+
+  @property
+  def unpaired(self) -> bool:
+    """Whether the loss is an unpaired one (KTO): batches of single labelled completions."""
+    return bool(set(self.loss_types) & losses.UNPAIRED_LOSSES)
 
   @property
   def needs_reference(self) -> bool:
     """Whether the losses need reference log-probs (a model or precomputed values)."""
-    return not self.reference_free and any(n not in ("simpo", "sft") for n in self.loss_types)
+    return not self.reference_free and any(
+        n not in ("simpo", "sft") and n not in losses.REFERENCE_FREE_LOSSES for n in self.loss_types)

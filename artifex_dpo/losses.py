@@ -33,9 +33,21 @@ LOSS_TYPES = (
     "sft",
     "sigmoid_norm",
     "simpo",
+    "alphapo",
+    "orpo",
+    "kto",
+    "apo_zero_unpaired",
 )
 # Losses defined on length-normalised (token-mean) log-probs whatever ``logp_reduction`` says.
-LENGTH_NORMALISED_LOSSES = frozenset({"ipo", "simpo", "sigmoid_norm"})
+LENGTH_NORMALISED_LOSSES = frozenset({"ipo", "simpo", "sigmoid_norm", "alphapo", "orpo"})
+# Losses that never read a reference (ORPO; CPO / AlphaPO are the others run with reference_free).
+REFERENCE_FREE_LOSSES = frozenset({"orpo", "alphapo"})
+# Unpaired losses (TRL's KTOTrainer): one completion per example with a desirable / undesirable label.
+UNPAIRED_LOSSES = frozenset({"kto", "apo_zero_unpaired"})
+# Losses that accept an f-divergence other than reverse KL (TRL 1.16's DPOTrainer rule: the beta log Z(x)
+# term of the f-DPO reparameterisation cancels only in the chosen-minus-rejected score difference).
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Losses whose per-pair values depend on the other pairs of the batch (AOT sorts over it): a
 # microbatch cannot compute its share of the whole batch's loss, so gradient accumulation is refused.
 BATCH_COUPLED_LOSSES = frozenset({"aot", "aot_unpaired"})
@@ -56,23 +68,34 @@ def _align_to_tokens(x: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
 
 
-def token_log_probs_from_logits(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_log_probs_from_logits(logits: jax.Array, tokens: jax.Array, *,
+                                with_log_sum_sq: bool = False) -> tuple[jax.Array, ...]:
   """Per-token log-probs from full logits.
 
   Args:
     logits: ``[B, T, V]`` in any float dtype; position t predicts token t+1.
     tokens: ``[B, T]`` int tokens.
+    with_log_sum_sq: also return ``log sum_v p_v^2`` per position (WPO's weights), never differentiated.
 
   Returns:
     ``(log_probs, logit_means)``, both float32 ``[B, T]`` and aligned with ``tokens``: entry t is
     ``log p(x_t | x_<t)`` and the mean logit over the vocabulary at the position that predicts
-    ``x_t``. Entry 0 has no context and is 0.
+    ``x_t``. Entry 0 has no context and is 0. With ``with_log_sum_sq`` a third array of the same
+    layout follows.
   """
   logits = logits.astype(jnp.float32)
   targets = shift_targets(tokens)
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return _align_to_tokens(picked - lse), _align_to_tokens(jnp.mean(logits, axis=-1))
+  out = (_align_to_tokens(picked - lse), _align_to_tokens(jnp.mean(logits, axis=-1)))
+  if with_log_sum_sq:
+    out += (_align_to_tokens(_log_sum_sq_probs(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse))),)
+  return out
+
+
+def _log_sum_sq_probs(logits: jax.Array, lse: jax.Array) -> jax.Array:
+  """``log sum_v softmax(logits)_v^2`` = logsumexp(2 z) - 2 logsumexp(z) (TRL's ``log_sum_sq_probs``)."""
+  return jax.nn.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse
 
 
 def chunk_positions(rows: int, seq_len: int, chunk_size: int) -> int:
@@ -89,7 +112,8 @@ def chunked_token_log_probs(
     tokens: jax.Array,
     *,
     chunk_size: int = 512,
-) -> tuple[jax.Array, jax.Array]:
+    with_log_sum_sq: bool = False,
+) -> tuple[jax.Array, ...]:
   """Per-token log-probs without materialising the ``[B, T, V]`` float32 logits.
 
   The final projection and the log-softmax run over sequence chunks inside a ``lax.scan``; a
@@ -106,9 +130,11 @@ def chunked_token_log_probs(
     unembedding: the output projection ``[D, V]``.
     tokens: ``[B, T]`` int tokens.
     chunk_size: tokens (rows x positions) per chunk.
+    with_log_sum_sq: also return WPO's ``log sum_v p_v^2`` per position (not differentiated; one
+      more projection pass over the chunks, without a backward).
 
   Returns:
-    ``(log_probs, logit_means)`` as in :func:`token_log_probs_from_logits`.
+    ``(log_probs, logit_means[, log_sum_sq])`` as in :func:`token_log_probs_from_logits`.
   """
   batch, seq_len, dim = hidden.shape
   targets = shift_targets(tokens).astype(jnp.int32)
@@ -122,9 +148,10 @@ def chunked_token_log_probs(
   hidden_chunks = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
   target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
   logps, means = _chunked_log_softmax(hidden_chunks, unembedding, target_chunks)
-  logps = logps.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq_len]
-  means = means.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq_len]
-  return _align_to_tokens(logps), _align_to_tokens(means)
+  outs = [logps, means]
+  if with_log_sum_sq:
+    outs.append(_chunked_log_sum_sq(jax.lax.stop_gradient(hidden_chunks), jax.lax.stop_gradient(unembedding)))
+  return tuple(_align_to_tokens(x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq_len]) for x in outs)
 
 
 def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
@@ -147,6 +174,16 @@ def _chunked_forward(hidden_chunks, w, target_chunks):
 
   _, (logps, means, lse) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
   return logps, means, lse
+
+
+def _chunked_log_sum_sq(hidden_chunks, w):
+  """WPO's ``log sum_v p_v^2`` per position of ``[N, B, c, D]`` chunks (``[N, B, c]``), chunk by chunk."""
+
+  def body(_, h):
+    logits = _chunk_logits(h, w)
+    return None, _log_sum_sq_probs(logits, jax.nn.logsumexp(logits, axis=-1))
+
+  return jax.lax.scan(body, None, hidden_chunks)[1]
 
 
 @jax.custom_vjp
@@ -196,17 +233,57 @@ class SequenceStats(NamedTuple):
   logp_sum: jax.Array
   num_tokens: jax.Array
   logit_sum: jax.Array
+  # WPO: sum over response tokens of (log p - log sum_v p_v^2), unweighted by LD-DPO; None when unused.
+  wpo_sum: jax.Array | None = None
 
   @property
   def logp_mean(self) -> jax.Array:
     return self.logp_sum / jnp.maximum(self.num_tokens, 1.0)
 
 
-def sequence_stats(token_logps: jax.Array, response_mask: jax.Array, logit_means: jax.Array | None = None) -> SequenceStats:
-  """Sums per-token log-probs (and mean logits) over the response tokens of each sequence."""
+def sequence_stats(token_logps: jax.Array, response_mask: jax.Array, logit_means: jax.Array | None = None,
+                   *, token_weights: jax.Array | None = None, log_sum_sq: jax.Array | None = None) -> SequenceStats:
+  """Sums per-token log-probs (and mean logits) over the response tokens of each sequence.
+
+  ``token_weights`` (LD-DPO, :func:`ld_token_weights`) weight the log-prob sum only; the token count
+  stays the plain count (as TRL divides by it). ``log_sum_sq`` (per-token ``log sum_v p_v^2``) adds
+  WPO's ``wpo_sum``.
+  """
   mask = response_mask.astype(jnp.float32)
   logit_sum = jnp.sum(logit_means * mask, axis=-1) if logit_means is not None else jnp.zeros(mask.shape[0])
-  return SequenceStats(jnp.sum(token_logps * mask, axis=-1), jnp.sum(mask, axis=-1), logit_sum)
+  weighted = mask if token_weights is None else mask * token_weights
+  wpo = None
+  if log_sum_sq is not None:
+    wpo = jax.lax.stop_gradient(jnp.sum((token_logps - log_sum_sq) * mask, axis=-1))
+  return SequenceStats(jnp.sum(token_logps * weighted, axis=-1), jnp.sum(mask, axis=-1), logit_sum, wpo)
+
+
+def ld_token_weights(response_mask: jax.Array, sequence_ids: jax.Array, shared_lengths: jax.Array,
+                     ld_alpha: float) -> jax.Array:
+  """LD-DPO's per-token weights (Liu et al. 2024, TRL's ``ld_alpha``): 1 on the first ``shared_lengths``
+  response tokens of each sequence, ``ld_alpha`` beyond (the part longer than the pair's other response).
+
+  Works for any layout where each sequence's tokens are contiguous within a row: padded rows
+  (``sequence_ids`` = row index) and packed rows (one id per packed sequence).
+
+  Args:
+    response_mask: ``[R, L]`` 0/1, the scored tokens.
+    sequence_ids: ``[R, L]`` int in ``[0, S)``: the sequence each token belongs to (any id on
+      unscored tokens; they get weight 0).
+    shared_lengths: ``[S]``: per sequence, min(chosen, rejected) response length of its pair.
+    ld_alpha: the weight of tokens beyond the shared length, in [0, 1].
+
+  Returns:
+    float32 ``[R, L]`` weights (0 where ``response_mask`` is 0).
+  """
+  mask = response_mask.astype(jnp.float32)
+  running = jnp.cumsum(mask, axis=-1)
+  num = shared_lengths.shape[0]
+  ids = sequence_ids.reshape(-1)
+  # The row's running count just before each sequence's first scored token.
+  start = jax.ops.segment_min(jnp.where(mask > 0, running - mask, jnp.inf).reshape(-1), ids, num_segments=num)
+  position = running - start[sequence_ids]  # 1-based index among the sequence's response tokens
+  return jnp.where(position <= shared_lengths[sequence_ids], 1.0, ld_alpha) * mask
 
 
 def reduce_logps(stats: SequenceStats, reduction: str) -> jax.Array:
@@ -353,6 +430,46 @@ def simpo_loss(p: PairLogps, beta: float, gamma: float = 0.0, label_smoothing: f
   return _smoothed_sigmoid(beta * (p.chosen - p.rejected) - gamma, label_smoothing)
 
 
+def f_divergence_scores(logratios: jax.Array, f_divergence_type: str, alpha_coef: float = 0.5) -> jax.Array:
+  """f-DPO (Wang et al. 2023): f'(pi / pi_ref) of the policy/reference ratio, from its log (TRL 1.16's forms).
+
+  reverse_kl: log t (standard DPO); forward_kl: 1 - 1/t; js_divergence: log 2 + log s(log t);
+  alpha_divergence: (t^(a-1) - 1) / (a - 1) (a = 1: log t), the exponent clamped at 80 as TRL does.
+  """
+  if f_divergence_type == "reverse_kl":
+    return logratios
+  if f_divergence_type == "forward_kl":
+    return 1.0 - jnp.exp(-logratios)
+  if f_divergence_type == "js_divergence":
+    return math.log(2.0) + jax.nn.log_sigmoid(logratios)
+  if f_divergence_type == "alpha_divergence":
+    if abs(alpha_coef - 1.0) < 1e-6:
+      return logratios
+    t = jnp.minimum((alpha_coef - 1.0) * logratios, 80.0)
+    return (jnp.exp(t) - 1.0) / (alpha_coef - 1.0)
+  raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; known: {', '.join(F_DIVERGENCE_TYPES)}")
+
+
+def alphapo_rewards(logps: jax.Array, alpha: float) -> jax.Array:
+  """AlphaPO (Gupta et al. 2025) reward shape: (1 - p^-alpha) / alpha with p = exp(logps); alpha 0: logps."""
+  if alpha == 0.0:
+    return logps
+  return (1.0 - jnp.exp(-alpha * logps)) / alpha
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+  """``log(1 - exp(x))`` for x < 0, stable on both sides of -log 2 (TRL ORPO's branch point)."""
+  x = jnp.minimum(x, -1e-7)  # x = 0 (a certain response) would be -inf
+  branch = x < -math.log(2.0)
+  return jnp.where(branch, jnp.log1p(-jnp.exp(jnp.where(branch, x, -1.0))),
+                   jnp.log(-jnp.expm1(jnp.where(branch, -1.0, x))))
+
+
+def orpo_log_odds(chosen_mean_logps: jax.Array, rejected_mean_logps: jax.Array) -> jax.Array:
+  """ORPO (Hong et al. 2024, Eqs. 4 and 7): log odds(y_w) - log odds(y_l) on token-mean log-probs."""
+  return (chosen_mean_logps - rejected_mean_logps) - (log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps))
+
+
 def sft_loss(chosen_token_logps: jax.Array, chosen_response_mask: jax.Array,
              num_tokens: jax.Array | None = None) -> jax.Array:
   """Token-mean negative log-likelihood of the chosen responses over the whole batch (a scalar).
@@ -389,6 +506,8 @@ class Normalizers(NamedTuple):
   pairs: jax.Array
   chosen_tokens: jax.Array
   rejected_tokens: jax.Array
+  # ORPO's NLL: every predicted token of the chosen sequences (prompt included); None: counted here.
+  chosen_sequence_tokens: jax.Array | None = None
 
 
 class LossSettings(NamedTuple):
@@ -403,6 +522,14 @@ class LossSettings(NamedTuple):
   logp_reduction: str
   discopop_tau: float
   reference_free: bool
+  f_divergence_type: str = "reverse_kl"
+  f_alpha_divergence_coef: float = 0.5
+  use_weighting: bool = False
+  ld_alpha: float | None = None
+  cpo_alpha: float | None = None
+  alpha: float = 0.0
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
 
 
 def _pair_loss(name: str, s: LossSettings, p: PairLogps, w: jax.Array | None = None) -> jax.Array:
@@ -422,6 +549,7 @@ def _pair_loss(name: str, s: LossSettings, p: PairLogps, w: jax.Array | None = N
       "apo_down": lambda: apo_down_loss(p, s.beta),
       "discopop": lambda: discopop_loss(p, s.beta, s.discopop_tau),
       "simpo": lambda: simpo_loss(p, s.beta, s.simpo_gamma, s.label_smoothing),
+      "alphapo": lambda: simpo_loss(p, s.beta, s.simpo_gamma, s.label_smoothing),
   }
   return table[name]()
 
@@ -446,20 +574,25 @@ def preference_loss(
     chosen_token_logps: jax.Array,
     chosen_response_mask: jax.Array,
     pair_mask: jax.Array | None = None,
+    chosen_sequence_mask: jax.Array | None = None,
     normalizers: Normalizers | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted sum of the configured losses and its metrics (batch means over pairs).
 
   Args:
     s: loss settings.
-    chosen, rejected: policy sequence statistics.
+    chosen, rejected: policy sequence statistics (with ``wpo_sum`` when ``s.use_weighting``; LD-DPO
+      weighting, when on, is already in their ``logp_sum``).
     ref_chosen, ref_rejected: reference statistics (zeros when reference-free).
     chosen_token_logps, chosen_response_mask: per-token policy log-probs and the response mask of
       the chosen side (any layout, e.g. ``[B, T]`` or packed rows; the mask must be 0 on filler
-      pairs), for the SFT / RPO negative log-likelihood term.
+      pairs), for the SFT / RPO / CPO negative log-likelihood term.
     pair_mask: ``[B]`` 0/1; pairs with 0 (filler rows of a last, partial eval batch, empty
       slots of packed rows) count in no mean and are left out of the AOT losses' sorting.
       None: every pair counts.
+    chosen_sequence_mask: ORPO's NLL mask, laid out like ``chosen_token_logps``: every predicted
+      token of the chosen sequences, prompt included (TRL's ORPO trains on both). None: the
+      response mask.
     normalizers: the denominators of the means (None: counted on this batch). Given the
       counts of a larger batch this batch is part of, every returned value is this batch's
       share (summing the shares gives the larger batch's values); the AOT losses, which sort
@@ -477,11 +610,33 @@ def preference_loss(
         reduce_logps(ref_rejected, reduction),
     )
 
+  def scored(name: str, reduction: str) -> PairLogps:
+    """The pair the loss sees: f-DPO scores or AlphaPO rewards in place of the log-ratios."""
+    p = pairs(reduction)
+    if s.f_divergence_type != "reverse_kl" and name in F_DIVERGENCE_LOSSES:
+      f = lambda x: f_divergence_scores(x, s.f_divergence_type, s.f_alpha_divergence_coef)
+      if name in LENGTH_NORMALISED_LOSSES:  # TRL: f of the summed log-ratio, then divided by the length
+        ps = pairs("sum")
+        c = f(ps.chosen_logratios) / jnp.maximum(chosen.num_tokens, 1.0)
+        r = f(ps.rejected_logratios) / jnp.maximum(rejected.num_tokens, 1.0)
+      else:
+        c, r = f(p.chosen_logratios), f(p.rejected_logratios)
+      return PairLogps(c, r, jnp.zeros_like(c), jnp.zeros_like(r))
+    if s.alpha != 0.0:  # reference-free (CPO family): the reward shape replaces the log-probs
+      c, r = alphapo_rewards(p.chosen_logratios, s.alpha), alphapo_rewards(p.rejected_logratios, s.alpha)
+      return PairLogps(c, r, jnp.zeros_like(c), jnp.zeros_like(r))
+    return p
+
   w = jnp.ones_like(chosen.logp_sum) if pair_mask is None else pair_mask.astype(jnp.float32)
   if normalizers is None:
     normalizers = Normalizers(jnp.sum(w), jnp.sum(chosen.num_tokens * w), jnp.sum(rejected.num_tokens * w))
   n_pairs = jnp.maximum(normalizers.pairs, 1.0)
   mean = lambda x, weights=w: jnp.sum(x * weights) / n_pairs
+  pair_weights = None
+  if s.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2), as TRL: never differentiated
+    pair_weights = jax.lax.stop_gradient(
+        jnp.exp(chosen.wpo_sum / jnp.maximum(chosen.num_tokens, 1.0))
+        * jnp.exp(rejected.wpo_sum / jnp.maximum(rejected.num_tokens, 1.0)))
   metrics: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
   nll = None
@@ -489,24 +644,39 @@ def preference_loss(
     if name == "sft":
       nll = sft_loss(chosen_token_logps, chosen_response_mask, normalizers.chosen_tokens) if nll is None else nll
       term = nll
+    elif name == "orpo":
+      # NLL over the whole chosen sequence minus lambda * mean log s(log odds ratio) (TRL experimental/orpo).
+      p = pairs("mean")
+      safe = lambda x: jnp.where(w > 0, x, -1.0)  # filler pairs have no tokens: mean log-prob 0
+      log_odds = orpo_log_odds(safe(p.chosen), safe(p.rejected))
+      seq_mask = chosen_response_mask if chosen_sequence_mask is None else chosen_sequence_mask
+      orpo_nll = sft_loss(chosen_token_logps, seq_mask, normalizers.chosen_sequence_tokens)
+      ratio = jax.nn.log_sigmoid(log_odds)
+      term = orpo_nll - s.beta * mean(ratio)
+      metrics.update({"nll_loss": orpo_nll, "log_odds_ratio": mean(ratio), "log_odds_chosen": mean(log_odds)})
     else:
       reduction = "mean" if name in LENGTH_NORMALISED_LOSSES else s.logp_reduction
       if name in ("aot", "aot_unpaired"):  # values in sorted order, real pairs first
         term = mean(_pair_loss(name, s, pairs(reduction), None if pair_mask is None else w),
                     w if pair_mask is None else sorted_weights(w))
       else:
-        term = mean(_pair_loss(name, s, pairs(reduction)))
+        per_pair = _pair_loss(name, s, scored(name, reduction))
+        term = mean(per_pair if pair_weights is None else per_pair * pair_weights)
     if len(s.loss_types) > 1:
       metrics[f"loss/{name}"] = term
     total = total + weight * term
-  if s.rpo_alpha is not None:
+  nll_weight = s.rpo_alpha if s.rpo_alpha is not None else s.cpo_alpha
+  if nll_weight is not None:  # RPO / CPO: token-mean NLL of the chosen responses
     nll = sft_loss(chosen_token_logps, chosen_response_mask, normalizers.chosen_tokens) if nll is None else nll
     metrics["nll_loss"] = nll
-    total = total + s.rpo_alpha * nll
+    total = total + nll_weight * nll
 
   rp = pairs(reward_reduction(s))
-  chosen_rewards = jax.lax.stop_gradient(s.beta * rp.chosen_logratios)
-  rejected_rewards = jax.lax.stop_gradient(s.beta * rp.rejected_logratios)
+  chosen_lr, rejected_lr = rp.chosen_logratios, rp.rejected_logratios
+  if s.alpha != 0.0:  # CPO/AlphaPO logs the shaped rewards
+    chosen_lr, rejected_lr = alphapo_rewards(chosen_lr, s.alpha), alphapo_rewards(rejected_lr, s.alpha)
+  chosen_rewards = jax.lax.stop_gradient(s.beta * chosen_lr)
+  rejected_rewards = jax.lax.stop_gradient(s.beta * rejected_lr)
   accuracy = mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
   margin = mean(chosen_rewards - rejected_rewards)
   n_chosen = jnp.maximum(normalizers.chosen_tokens, 1.0)
@@ -528,4 +698,67 @@ def preference_loss(
       "rejected_log_ratios": mean(rp.rejected_logratios),
       "margin": margin,
   })
+  if pair_weights is not None:
+    metrics["wpo/weights"] = mean(pair_weights)
   return total, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Unpaired losses (KTO)
+# --------------------------------------------------------------------------------------------
+
+
+def unpaired_loss(
+    s: LossSettings,
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    labels: jax.Array,
+    kl_logps: jax.Array | None = None,
+    ref_kl_logps: jax.Array | None = None,
+    example_mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """KTO (Ethayarajh et al. 2024, Eq. 7) or unpaired APO-zero over ``[N]`` single completions (TRL KTOTrainer).
+
+  Args:
+    s: loss settings; ``s.loss_types`` is ``("kto",)`` or ``("apo_zero_unpaired",)``.
+    logps, ref_logps: ``[N]`` summed response log-probs under the policy and the reference.
+    labels: ``[N]`` bool, True for desirable completions.
+    kl_logps, ref_kl_logps: ``[N]`` summed log-probs of the mismatched (prompt, completion) pairs
+      that estimate the KL reference point (KTO only; the policy's are not differentiated).
+    example_mask: ``[N]`` 0/1; 0 marks filler examples. None: all count.
+
+  Returns:
+    ``(loss, metrics)``: the loss is the mean over examples of the weighted per-example losses;
+    metrics ``kl``, ``rewards/chosen`` / ``rewards/rejected`` / ``logps/*`` (means over the
+    desirable / undesirable examples, 0 when there are none), ``rewards/margins``.
+  """
+  w = jnp.ones_like(logps) if example_mask is None else example_mask.astype(jnp.float32)
+  labels = labels.astype(bool)
+  logratios = logps - ref_logps
+  (name,) = s.loss_types
+  if name == "kto":
+    kl_terms = jax.lax.stop_gradient(kl_logps - ref_kl_logps)
+    kl = jnp.maximum(jnp.sum(kl_terms * w) / jnp.maximum(jnp.sum(w), 1.0), 0.0)
+    chosen_losses = 1.0 - jax.nn.sigmoid(s.beta * (logratios - kl))
+    rejected_losses = 1.0 - jax.nn.sigmoid(s.beta * (kl - logratios))
+  elif name == "apo_zero_unpaired":
+    kl = jnp.zeros((), jnp.float32)
+    chosen_losses = 1.0 - jax.nn.sigmoid(s.beta * logratios)
+    rejected_losses = jax.nn.sigmoid(s.beta * logratios)
+  else:
+    raise ValueError(f"unpaired_loss: unknown loss {name!r}")
+  per_example = jnp.where(labels, s.desirable_weight * chosen_losses, s.undesirable_weight * rejected_losses)
+  loss = jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+  wc, wr = w * labels, w * (~labels)
+  rewards = jax.lax.stop_gradient(s.beta * logratios)
+  over = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+  metrics = {
+      "loss": loss,
+      "kl": kl,
+      "rewards/chosen": over(rewards, wc),
+      "rewards/rejected": over(rewards, wr),
+      "rewards/margins": over(rewards, wc) - over(rewards, wr),
+      "logps/chosen": over(logps, wc),
+      "logps/rejected": over(logps, wr),
+  }
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

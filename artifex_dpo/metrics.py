@@ -101,7 +101,7 @@ class MetricsWriter:
       return
     logging.info(
         "step %d/%d  loss %.4f  acc %.3f  margin %.4f  %.0f tok/s  mfu %.1f%%  eta %s",
-        step, total, row["loss"], row["rewards/accuracies"], row["rewards/margins"],
+        step, total, row["loss"], row.get("rewards/accuracies", float("nan")), row["rewards/margins"],
         row.get("tokens_per_s", 0.0), 100 * row.get("mfu", 0.0), format_eta(eta_s))
 
   def close(self) -> None:

@@ -43,14 +43,18 @@ def weights_fingerprint(params: nnx.State) -> str:
   return h.hexdigest()[:16]
 
 
-def cache_key(dataset: PreferenceDataset, ref_fingerprint: str, chunk_size: int) -> str:
-  h = hashlib.sha256(f"{dataset.fingerprint()}:{ref_fingerprint}:{chunk_size}".encode())
+def cache_key(dataset: PreferenceDataset, ref_fingerprint: str, chunk_size: int, ld_alpha: float | None = None) -> str:
+  extra = "" if ld_alpha is None else f":ld={ld_alpha!r}"
+  h = hashlib.sha256(f"{dataset.fingerprint()}:{ref_fingerprint}:{chunk_size}{extra}".encode())
   return h.hexdigest()[:20]
 
 
 def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dataset: PreferenceDataset, *,
-                            batch_size: int, pad_multiple: int, max_length: int, chunk_size: int) -> np.ndarray:
+                            batch_size: int, pad_multiple: int, max_length: int, chunk_size: int,
+                            ld_alpha: float | None = None) -> np.ndarray:
   """float32 ``[N, 2]``: the reference's summed response log-probs of (chosen, rejected) per pair.
+
+  With ``ld_alpha`` (LD-DPO) the sums carry its token weights, as the live reference forward would.
 
   Every process runs the same batches (each loads its slice) and receives the whole result, so
   every process ends with the whole table.
@@ -68,8 +72,14 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
       ref = nnx.merge(spec.ref_graphdef, ref_state)
     both = concat_sides(batch)
     logps, _ = token_log_probs(ref, both.sequences, both.segment_ids, None, chunk_size)
-    s = losses.sequence_stats(logps, both.response_mask).logp_sum
     n = batch.chosen.batch_size
+    weights = None
+    if ld_alpha is not None:
+      counts = jnp.sum(both.response_mask, axis=-1).astype(jnp.float32)
+      shared = jnp.minimum(counts[:n], counts[n:])
+      rows = jnp.broadcast_to(jnp.arange(2 * n)[:, None], both.response_mask.shape)
+      weights = losses.ld_token_weights(both.response_mask, rows, jnp.concatenate([shared, shared]), ld_alpha)
+    s = losses.sequence_stats(logps, both.response_mask, token_weights=weights).logp_sum
     return jnp.stack([s[:n], s[n:]], axis=1)
 
   compiled: dict[Any, Any] = {}
@@ -93,7 +103,7 @@ def compute_reference_table(spec: state_lib.StateSpec, ref_state: nnx.State, dat
 def load_or_compute(workdir: str, name: str, spec, ref_state, dataset: PreferenceDataset, **kwargs) -> np.ndarray:
   """The cached table for this data and these reference weights, computed (and saved) if absent."""
   weights = frozen(ref_state) if spec.reference_is_base else ref_state  # LoRA: the base only
-  key = cache_key(dataset, weights_fingerprint(weights), kwargs["chunk_size"])
+  key = cache_key(dataset, weights_fingerprint(weights), kwargs["chunk_size"], kwargs.get("ld_alpha"))
   path = storage.join(workdir, "ref_logps", f"{name}-{key}.npz")
   if storage.isfile(path):
     with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:

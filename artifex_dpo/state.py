@@ -23,8 +23,8 @@ from artifex_dpo.dpo_config import DPOConfig
 from artifex_dpo.models import LlamaModel, load_hf_params
 from artifex_dpo.models import lora as lora_lib
 from artifex_dpo.models.config import ModelConfig
-from artifex_dpo.trainer import make_loss_fn, make_train_step
-from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
+from artifex_dpo.trainer import make_loss_fn, make_train_step, mix_reference
+from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch, UnpairedBatch
 
 
 @dataclasses.dataclass
@@ -189,6 +189,18 @@ def jit_eval_step(spec: StateSpec, config: DPOConfig, batch: PreferenceBatch) ->
                  out_shardings=replicated)
 
 
+def jit_sync_reference(spec: StateSpec, alpha: float) -> Callable:
+  """TR-DPO's ``(ref_state, state) -> ref_state``: the policy mixed into the reference, sharded like it
+  (each device mixes its own shards; nothing is gathered). The old reference buffers are donated."""
+
+  def sync(ref_state, state):
+    params = nnx.state(nnx.merge(spec.graphdef, state)[0], nnx.Param)
+    return mix_reference(ref_state, params, alpha)
+
+  return jax.jit(sync, in_shardings=(spec.ref_shardings, spec.shardings), out_shardings=spec.ref_shardings,
+                 donate_argnums=(0,))
+
+
 def _lookup(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
   """Per-pair rows of a reference table; -1 (filler) gives zeros."""
   return np.where(indices[..., None] >= 0, table[np.maximum(indices, 0)], 0.0).astype(np.float32)
@@ -208,6 +220,13 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
     shape = (x.shape[0] * count, *x.shape[1:])
     return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
 
+  if "completion_tokens" in local:  # KTO: labelled completions and their KL rows
+    rows = lambda p: GeneratedSequenceBatch(sequences=arr(local[f"{p}_tokens"]),
+                                            response_mask=arr(local[f"{p}_response_mask"]),
+                                            segment_ids=arr(local[f"{p}_segment_ids"]))
+    return UnpairedBatch(completions=rows("completion"), labels=arr(local["labels"]),
+                         kl=rows("kl") if "kl_tokens" in local else None,
+                         example_mask=arr(local["example_mask"]) if with_pair_mask else None)
   ref = None if reference_table is None else _lookup(reference_table, np.asarray(local["pair_indices"]))
   if "tokens" in local:
     optional = {k: arr(local[k]) for k in ("positions", "prefix_ids") if k in local}

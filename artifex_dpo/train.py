@@ -33,6 +33,7 @@ from artifex_dpo import state as state_lib
 from artifex_dpo import storage
 from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
 from artifex_dpo.data import cache as data_cache
+from artifex_dpo.data.unpaired_loader import UnpairedDataset, UnpairedLoader, unpaired_eval_batches, unpaired_eval_split
 from artifex_dpo.data.synthetic import write_synthetic
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
 from artifex_dpo.models import lora as lora_lib
@@ -46,7 +47,8 @@ _FROZEN_KEYS = ("model.preset", "model.hf_checkpoint", "model.param_dtype", "dat
                 "data.share_prompt", "data.pack_length", "data.max_pairs_per_row",
                 "data.tokenizer", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
                 "data.seed", "data.shuffle", "data.synthetic_pairs", "data.eval_split",
-                "train.global_batch_size", "lora.rank", "lora.alpha", "lora.targets", "lora.base_dtype")
+                "train.global_batch_size", "lora.rank", "lora.alpha", "lora.targets", "lora.base_dtype",
+                "dpo.sync_ref_model")
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,6 +83,13 @@ def build_datasets(c, tokenizer, workdir: str,
                 max_prompt_length=c.data.max_prompt_length, truncation_mode=c.data.truncation_mode,
                 skip_invalid=c.data.skip_invalid, id_limit=id_limit, process_index=jax.process_index(),
                 process_count=jax.process_count())
+  if config_lib.dpo_config(c).unpaired:  # KTO: labelled completions (paired records are unpaired), not cached
+    for key in ("skip_invalid", "id_limit", "process_index", "process_count"):
+      kwargs.pop(key)
+    train = UnpairedDataset.from_files(files, tokenizer, **kwargs)
+    if c.data.eval_files:
+      return train, UnpairedDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
+    return unpaired_eval_split(train, c.data.eval_split, c.data.seed)
   cache_dir = storage.join(workdir, "data_cache")
   train = data_cache.load_or_tokenize(files, tokenizer, cache_dir, **kwargs)
   if c.data.eval_files:
@@ -172,7 +181,12 @@ class Setup:
   eval_ref: np.ndarray | None
   counters: dict[str, int]
 
-  def loader(self, c, start_step: int = 0, num_steps: int | None = None) -> PreferenceLoader:
+  def loader(self, c, start_step: int = 0, num_steps: int | None = None) -> PreferenceLoader | UnpairedLoader:
+    if self.dpo_config.unpaired:
+      return UnpairedLoader(self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
+                            with_kl="kto" in self.dpo_config.loss_types, start_step=start_step, num_steps=num_steps)
     return PreferenceLoader(
         self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
@@ -268,7 +282,7 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   train_ref = eval_ref = None
   if c.dpo.precompute_ref_logps and (ref_state is not None or spec.reference_is_base):
     kw = dict(batch_size=c.train.eval_batch_size, pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
-              chunk_size=c.dpo.logits_chunk_size)
+              chunk_size=c.dpo.logits_chunk_size, ld_alpha=c.dpo.ld_alpha)
     scorer = state if spec.reference_is_base else ref_state  # LoRA: the policy's base, adapters off
     train_ref = reference.load_or_compute(workdir, "train", spec, scorer, train_ds, **kw)
     eval_ref = reference.load_or_compute(workdir, "eval", spec, scorer, eval_ds, **kw) if eval_ds else None
@@ -301,10 +315,16 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   if spec.lora is not None:
     meta["base_fingerprint"] = reference.weights_fingerprint(lora_lib.frozen(state))
   start = 0
-  resumed = checkpointer.restore_latest(saved_part(spec.abstract_state), saved_part(spec.shardings),
+  abstract, shardings = saved_part(spec.abstract_state), saved_part(spec.shardings)
+  if dpo_cfg.sync_ref_model:  # TR-DPO: the reference is training state, saved with the policy
+    abstract = nnx.State({"train": abstract, "reference": spec.abstract_ref})
+    shardings = nnx.State({"train": shardings, "reference": spec.ref_shardings})
+  resumed = checkpointer.restore_latest(abstract, shardings,
                                         check_meta=lambda saved, path: _check_config_change(saved, meta, c, path))
   if resumed is not None:
     latest, restored, saved_meta = resumed
+    if dpo_cfg.sync_ref_model:
+      restored, ref_state = restored["train"], restored["reference"]
     state = nnx.State.merge(state, restored) if spec.lora is not None else restored
     start = int(saved_meta["step"])
     counters["train/nonfinite_steps"] = int(saved_meta.get("counters", {}).get("train/nonfinite_steps", 0))
@@ -340,25 +360,33 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     # Every eval batch is normalised by the counts of the whole eval set (pairs, scored tokens of
     # each side), so each batch's metrics are its share of the set's and the shares add up; the
     # filler pairs of a last, partial batch count nowhere (pair_mask).
-    normalizers = eval_normalizers(eval_ds)
+    normalizers = None if dpo_cfg.unpaired else eval_normalizers(eval_ds)
     sums: dict[str, float] = {}
-    for local in eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
-                              c.data.pad_multiple, c.data.max_length):
+    if dpo_cfg.unpaired:  # KTO: each batch's means, weighted by its share of the examples
+      batches = unpaired_eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
+                                      c.data.pad_multiple, c.data.max_length, "kto" in dpo_cfg.loss_types)
+      normalizers = losses.Normalizers(*(np.float32(1.0),) * 3)  # not read by the unpaired losses
+    else:
+      batches = eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
+                             c.data.pad_multiple, c.data.max_length)
+    for local in batches:
+      share = local["global_num_pairs"] / len(eval_ds) if dpo_cfg.unpaired else 1.0
       batch = state_lib.global_batch(local, mesh, with_pair_mask=True, reference_table=eval_ref)
       m = jax.device_get(compiled("eval", batch, normalizers)(state, ref_state, batch, normalizers))
       for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+        sums[k] = sums.get(k, 0.0) + float(v) * (share if k != "tokens" else 1.0)
     row = {"step": step, "time": time.time()}
     row.update({f"eval/{k}": v for k, v in sums.items()})
     writer.write(row)
     if is_main:
       logging.info("eval at step %d: loss %.4f accuracy %.3f margin %.4f", step, row["eval/loss"],
-                   row["eval/rewards/accuracies"], row["eval/rewards/margins"])
+                   row.get("eval/rewards/accuracies", float("nan")), row["eval/rewards/margins"])
 
   def save(step: int) -> None:
     # A collective: every process calls it for the same step (the decision depends only on the
     # step number and on the preemption sync point, which all processes agree on).
-    checkpointer.save(step, saved_part(state), dict(meta, step=step, counters=counters))
+    saved = nnx.State({"train": saved_part(state), "reference": ref_state}) if dpo_cfg.sync_ref_model else saved_part(state)
+    checkpointer.save(step, saved, dict(meta, step=step, counters=counters))
 
   # --- Loop -----------------------------------------------------------------------------------
   # SIGTERM / SIGINT: main installed the handlers at its first line; a library call gets them here.
@@ -404,6 +432,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
     return True
 
   step, pairs_read = start, 0
+  sync_reference = None
   try:
     with mesh:
       for step_index, local in loader:
@@ -415,6 +444,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         pairs_read += int(np.sum(local["pair_indices"] >= 0))
         state, m = compiled("train", batch)(state, ref_state, batch)
         signals.unsaved = True  # from now on a signal saves first (at the next step boundary)
+        if dpo_cfg.sync_ref_model and step % dpo_cfg.ref_model_sync_steps == 0:
+          if sync_reference is None:
+            sync_reference = state_lib.jit_sync_reference(spec, float(dpo_cfg.ref_model_mixup_alpha))
+          ref_state = sync_reference(ref_state, state)  # TR-DPO, after the step (as TRL's callback)
         tokens, pairs, flops = setup.step_flops(local, c)
         steps_done += 1
         # The previous step's metrics are fetched only now, so the device always has work queued.
@@ -485,7 +518,9 @@ def eval_normalizers(dataset: PreferenceDataset) -> losses.Normalizers:
   Every process holds the whole eval set, so each computes the same numbers without a collective.
   """
   scored = dataset.scored_lengths.sum(axis=0)
-  return losses.Normalizers(*(np.float32(x) for x in (len(dataset), scored[0], scored[1])))
+  # ORPO's NLL: every token of prompt + chosen but the first (each is predicted from the one before).
+  sequence = np.maximum(dataset.offsets[:, 2] - dataset.offsets[:, 0] - 1, 0).sum()
+  return losses.Normalizers(*(np.float32(x) for x in (len(dataset), scored[0], scored[1], sequence)))
 
 
 def _tokenizer_dir(c) -> str | None:

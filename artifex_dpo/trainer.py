@@ -19,7 +19,7 @@ from flax import nnx
 
 from artifex_dpo import losses
 from artifex_dpo.dpo_config import DPOConfig
-from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch
+from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch, UnpairedBatch
 
 Metrics = dict[str, jax.Array]
 # reference_model / ref_graphdef value meaning "the policy's frozen base, adapters off" (LoRA).
@@ -76,24 +76,37 @@ def token_log_probs(
     positions: jax.Array | None,
     chunk_size: int,
     prefix_ids: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    with_log_sum_sq: bool = False,
+) -> tuple[jax.Array, ...]:
   """Per-token float32 log-probs and mean logits ``[B, T]`` of ``tokens`` under ``model``.
 
   Models with ``hidden_states``/``unembedding`` never build ``[B, T, V]`` float32 logits; other
   models are called as ``model(tokens)`` (plus ``segment_ids``/``positions`` when they accept
   them, and ``prefix_ids`` for shared-prompt rows) and must return logits ``[B, T, V]``.
+  ``with_log_sum_sq`` adds WPO's per-token ``log sum_v p_v^2`` as a third output.
   """
   extra = {} if prefix_ids is None else {"prefix_ids": prefix_ids}
   if supports_chunked_logits(model):
     hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions, **extra)
-    return losses.chunked_token_log_probs(hidden, model.unembedding(), tokens, chunk_size=chunk_size)
+    return losses.chunked_token_log_probs(hidden, model.unembedding(), tokens, chunk_size=chunk_size,
+                                          with_log_sum_sq=with_log_sum_sq)
   if accepts_segment_ids(model):
     logits = model(tokens, segment_ids=segment_ids, positions=positions, **extra)
   else:
     logits = model(tokens)
   if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
     raise ValueError(f"the model must map tokens {tuple(tokens.shape)} to logits [B, T, V], got {tuple(logits.shape)}")
-  return losses.token_log_probs_from_logits(logits, tokens)
+  return losses.token_log_probs_from_logits(logits, tokens, with_log_sum_sq=with_log_sum_sq)
+
+
+def continued_token_mask(segment_ids: jax.Array, prefix_ids: jax.Array | None = None) -> jax.Array:
+  """1 on real tokens predicted from a token of their own context: the token before is of the same
+  segment, or (shared-prompt rows) of the prompt segment the token attends to as its prefix."""
+  prev = segment_ids[:, :-1]
+  same = prev == segment_ids[:, 1:]
+  if prefix_ids is not None:
+    same = same | ((prefix_ids[:, 1:] > 0) & (prev == prefix_ids[:, 1:]))
+  return jnp.concatenate([jnp.zeros_like(same[:, :1]), same & (segment_ids[:, 1:] > 0)], axis=1)
 
 
 def _pad_to(x: jax.Array | None, length: int) -> jax.Array | None:
@@ -162,27 +175,59 @@ def dpo_loss(
   """
   if isinstance(batch, PackedPreferenceBatch):
     return _packed_dpo_loss(model, reference_model, batch, settings, chunk_size, normalizers)
+  if isinstance(batch, UnpairedBatch):
+    return _unpaired_loss(model, reference_model, batch, settings, chunk_size)
   both = concat_sides(batch)
   n = batch.chosen.batch_size
-  logps, logit_means = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size)
+  logps, logit_means, *lss = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size,
+                                             with_log_sum_sq=settings.use_weighting)
   mask = both.response_mask
-  policy = losses.sequence_stats(logps, mask, logit_means)
+  weights = None
+  if settings.ld_alpha is not None:  # LD-DPO: tokens beyond the pair's shorter response weigh ld_alpha
+    counts = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    shared = jnp.minimum(counts[:n], counts[n:])
+    rows = jnp.broadcast_to(jnp.arange(2 * n)[:, None], mask.shape)
+    weights = losses.ld_token_weights(mask, rows, jnp.concatenate([shared, shared]), settings.ld_alpha)
+  policy = losses.sequence_stats(logps, mask, logit_means, token_weights=weights,
+                                 log_sum_sq=lss[0] if lss else None)
   if both.reference_sequence_log_probs is not None and not settings.reference_free:
+    # Precomputed sums are used as given (the service's precompute applies LD-DPO's weights itself).
     ref = losses.SequenceStats(both.reference_sequence_log_probs.astype(jnp.float32), policy.num_tokens,
                                jnp.zeros_like(policy.logit_sum))
   else:
     ref_logps = _reference_token_log_probs(reference_model, both, settings, logps, chunk_size)
-    ref = losses.sequence_stats(ref_logps, mask)
+    ref = losses.sequence_stats(ref_logps, mask, token_weights=weights)
   ref = jax.tree.map(jax.lax.stop_gradient, ref)  # the reference is never differentiated
   split = lambda s: (jax.tree.map(lambda x: x[:n], s), jax.tree.map(lambda x: x[n:], s))
   (chosen, rejected), (ref_chosen, ref_rejected) = split(policy), split(ref)
   loss, metrics = losses.preference_loss(
-      settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask, normalizers)
+      settings, chosen, rejected, ref_chosen, ref_rejected, logps[:n], mask[:n], batch.pair_mask,
+      chosen_sequence_mask=continued_token_mask(both.segment_ids[:n]), normalizers=normalizers)
   metrics["tokens"] = jnp.sum(both.segment_ids > 0).astype(jnp.float32)
   return loss, metrics
 
 
-def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tuple[losses.SequenceStats, ...]:
+def _unpaired_loss(model, reference_model, batch: UnpairedBatch, settings, chunk_size):
+  """KTO: completions and their KL rows in one policy forward; the KL rows are not differentiated."""
+  n = batch.completions.batch_size
+  rows = batch.completions if batch.kl is None else concat_sides(PreferenceBatch(batch.completions, batch.kl))
+  logps, logit_means = token_log_probs(model, rows.sequences, rows.segment_ids, rows.positions, chunk_size)
+  policy = losses.sequence_stats(logps, rows.response_mask, logit_means)
+  if rows.reference_sequence_log_probs is not None:
+    ref_sums = rows.reference_sequence_log_probs.astype(jnp.float32)
+  else:
+    ref_sums = losses.sequence_stats(
+        _reference_token_log_probs(reference_model, rows, settings, logps, chunk_size), rows.response_mask).logp_sum
+  ref_sums = jax.lax.stop_gradient(ref_sums)  # the reference is never differentiated
+  kl_logps = None if batch.kl is None else jax.lax.stop_gradient(policy.logp_sum[n:])
+  loss, metrics = losses.unpaired_loss(settings, policy.logp_sum[:n], ref_sums[:n], batch.labels, kl_logps,
+                                       None if batch.kl is None else ref_sums[n:], batch.example_mask)
+  metrics["tokens"] = jnp.sum(rows.segment_ids > 0).astype(jnp.float32)
+  return loss, metrics
+
+
+def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch, *, ld_alpha: float | None = None,
+                  log_sum_sq: jax.Array | None = None) -> tuple[losses.SequenceStats, ...]:
   """Per-slot (chosen, rejected) statistics of packed rows: segment sums over ``[R * K]`` slots."""
   rows, _ = batch.sequences.shape
   k = batch.pair_mask.shape[1]
@@ -191,20 +236,29 @@ def _packed_stats(token_values, logit_means, batch: PackedPreferenceBatch) -> tu
   ids = jnp.where(side >= 0, slot * 2 + side, 2 * rows * k)  # prompts and padding -> one spare bucket
   mask = batch.response_mask.astype(jnp.float32)
 
-  def per_sequence(x):
-    summed = jax.ops.segment_sum((x * mask).reshape(-1), ids.reshape(-1), num_segments=2 * rows * k + 1)
+  def per_sequence(x, m=mask):
+    summed = jax.ops.segment_sum((x * m).reshape(-1), ids.reshape(-1), num_segments=2 * rows * k + 1)
     return summed[:-1].reshape(rows * k, 2)
 
-  logp, count = per_sequence(token_values), per_sequence(jnp.ones_like(mask))
+  count = per_sequence(jnp.ones_like(mask))
+  weighted = mask
+  if ld_alpha is not None:  # LD-DPO over packed sequences (each one contiguous in its row)
+    shared = jnp.min(count, axis=1)
+    per_id = jnp.concatenate([jnp.repeat(shared, 2), jnp.zeros((1,), shared.dtype)])
+    weighted = losses.ld_token_weights(mask, ids, per_id, ld_alpha)
+  logp = per_sequence(token_values, weighted)
   logits = per_sequence(logit_means) if logit_means is not None else jnp.zeros_like(logp)
-  return tuple(losses.SequenceStats(logp[:, i], count[:, i], logits[:, i]) for i in (0, 1))
+  wpo = None if log_sum_sq is None else jax.lax.stop_gradient(per_sequence(token_values - log_sum_sq))
+  return tuple(losses.SequenceStats(logp[:, i], count[:, i], logits[:, i], None if wpo is None else wpo[:, i])
+               for i in (0, 1))
 
 
 def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, settings, chunk_size, normalizers=None):
-  forward = lambda m: token_log_probs(m, batch.sequences, batch.segment_ids, batch.positions, chunk_size,
-                                      batch.prefix_ids)
-  logps, logit_means = forward(model)
-  chosen, rejected = _packed_stats(logps, logit_means, batch)
+  forward = lambda m, wpo=False: token_log_probs(m, batch.sequences, batch.segment_ids, batch.positions, chunk_size,
+                                                 batch.prefix_ids, with_log_sum_sq=wpo)
+  logps, logit_means, *lss = forward(model, settings.use_weighting)
+  chosen, rejected = _packed_stats(logps, logit_means, batch, ld_alpha=settings.ld_alpha,
+                                   log_sum_sq=lss[0] if lss else None)
   if settings.reference_free or (batch.reference_sequence_log_probs is None and reference_model is None):
     ref_chosen = ref_rejected = losses.SequenceStats(jnp.zeros_like(chosen.logp_sum), chosen.num_tokens,
                                                      jnp.zeros_like(chosen.logp_sum))
@@ -213,13 +267,16 @@ def _packed_dpo_loss(model, reference_model, batch: PackedPreferenceBatch, setti
     ref_chosen = losses.SequenceStats(ref[:, 0], chosen.num_tokens, jnp.zeros_like(ref[:, 0]))
     ref_rejected = losses.SequenceStats(ref[:, 1], rejected.num_tokens, jnp.zeros_like(ref[:, 1]))
   else:
-    ref_logps, _ = forward(reference_model)
-    ref_chosen, ref_rejected = _packed_stats(ref_logps, None, batch)
+    ref_logps = forward(reference_model)[0]
+    ref_chosen, ref_rejected = _packed_stats(ref_logps, None, batch, ld_alpha=settings.ld_alpha)
   ref_chosen, ref_rejected = jax.tree.map(jax.lax.stop_gradient, (ref_chosen, ref_rejected))  # never differentiated
   _, side = batch.slots_and_sides()
   chosen_mask = batch.response_mask * (side == 0).astype(batch.response_mask.dtype)
+  # ORPO's NLL: the whole chosen sequence (a shared prompt counts once, with its chosen branch).
+  sequence_mask = continued_token_mask(batch.segment_ids, batch.prefix_ids) & ((side == 0) | (side == -1))
   loss, metrics = losses.preference_loss(settings, chosen, rejected, ref_chosen, ref_rejected, logps, chosen_mask,
-                                         batch.pair_mask.reshape(-1), normalizers)
+                                         batch.pair_mask.reshape(-1), chosen_sequence_mask=sequence_mask,
+                                         normalizers=normalizers)
   # Tokens of both sequences of every pair, as the unpacked layout counts them (a shared prompt twice).
   metrics["tokens"] = (jnp.sum(side > -2) + jnp.sum(side == -1)).astype(jnp.float32)
   return loss, metrics
@@ -238,20 +295,27 @@ def batch_normalizers(batch: PreferenceBatch | PackedPreferenceBatch) -> losses.
   microbatch makes the microbatches' losses and metrics add up to the whole batch's.
   """
   f32 = lambda x: jnp.sum(x).astype(jnp.float32)
+  if isinstance(batch, UnpairedBatch):
+    return None  # KTO: means over the batch itself (accumulation is refused for it)
   if isinstance(batch, PackedPreferenceBatch):
     _, side = batch.slots_and_sides()
     mask = batch.response_mask
-    return losses.Normalizers(f32(batch.pair_mask), f32(mask * (side == 0)), f32(mask * (side == 1)))
+    sequence = continued_token_mask(batch.segment_ids, batch.prefix_ids) & ((side == 0) | (side == -1))
+    return losses.Normalizers(f32(batch.pair_mask), f32(mask * (side == 0)), f32(mask * (side == 1)), f32(sequence))
   n = batch.chosen.batch_size
   w = jnp.ones((n,), jnp.int32) if batch.pair_mask is None else batch.pair_mask
   return losses.Normalizers(f32(w), f32(batch.chosen.response_mask * w[:, None]),
-                            f32(batch.rejected.response_mask * w[:, None]))
+                            f32(batch.rejected.response_mask * w[:, None]),
+                            f32(continued_token_mask(batch.chosen.segment_ids) * w[:, None]))
 
 
 def check_accumulation(config: DPOConfig, grad_accum_steps: int) -> None:
   """Refuses accumulation for losses whose value over a batch is not a sum over its microbatches."""
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+  if grad_accum_steps > 1 and config.unpaired:
+    raise ValueError(f"loss_type {','.join(config.loss_types)}: KTO's KL reference point is a mean over the batch, "
+                     f"so microbatches cannot add up to it; use grad_accum_steps=1 (got {grad_accum_steps})")
   coupled = [t for t in config.loss_types if t in losses.BATCH_COUPLED_LOSSES]
   if grad_accum_steps > 1 and coupled:
     raise ValueError(f"loss_type {','.join(coupled)} sorts over the whole batch, so microbatches cannot add up to "
@@ -378,6 +442,18 @@ def make_train_step(
   return step
 
 
+def mix_reference(reference: Any, policy: Any, alpha: float) -> Any:
+  """TR-DPO (Gorbatovski et al. 2024): ``alpha * policy + (1 - alpha) * reference``, leaf by leaf.
+
+  Computed in float32 and stored in each reference leaf's dtype; ``alpha = 1`` is a hard copy.
+  ``reference`` and ``policy`` are parameter trees of the same structure.
+  """
+  def mix(r, p):
+    return ((1.0 - alpha) * r.astype(jnp.float32) + alpha * p.astype(jnp.float32)).astype(r.dtype)
+
+  return jax.tree.map(mix, reference, policy)
+
+
 # --------------------------------------------------------------------------------------------
 # The seed-compatible trainer
 # --------------------------------------------------------------------------------------------
@@ -428,6 +504,11 @@ class DPOTrainer:
     if isinstance(reference_model, str) and not _is_base(reference_model):
       raise ValueError(f"DPOTrainer: reference_model must be a model, 'base' or None, got {reference_model!r}")
     check_accumulation(self.config, grad_accum_steps)
+    if self.config.sync_ref_model and reference_model is not None:
+      shapes = lambda m: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+      if shapes(reference_model) != shapes(model):
+        raise ValueError("DPOConfig.sync_ref_model (TR-DPO) mixes the policy into the reference: they must have "
+                         "the same parameters (names and shapes)")
     self.model = model
     self.reference_model = None if self.config.reference_free else reference_model
     self.optimizer = optimizer
@@ -443,12 +524,22 @@ class DPOTrainer:
                                    grad_accum_steps=grad_accum_steps)
     self._train_step = jax.jit(self.step_fn)
     self._eval_step = jax.jit(make_loss_fn(self._model_graphdef, self._ref_graphdef, self.config))
+    self._updates = 0
+    alpha = float(self.config.ref_model_mixup_alpha)
+    self._sync = jax.jit(lambda r, p: mix_reference(r, p, alpha))
     self._plain_model = not accepts_segment_ids(model) or (
         self.reference_model is not None and not _is_base(self.reference_model)
         and not accepts_segment_ids(self.reference_model))
 
-  def _check_batch(self, batch: PreferenceBatch | PackedPreferenceBatch) -> None:
-    if not isinstance(batch, (PreferenceBatch, PackedPreferenceBatch)):
+  def _check_batch(self, batch: PreferenceBatch | PackedPreferenceBatch | UnpairedBatch) -> None:
+    if self.config.unpaired:
+      if not isinstance(batch, UnpairedBatch):
+        raise ValueError(f"loss {','.join(self.config.loss_types)} is unpaired: train_step expects an UnpairedBatch "
+                         f"(artifex_dpo.data.unpaired builds one), got {type(batch).__name__}")
+      if "kto" in self.config.loss_types and batch.kl is None:
+        raise ValueError("loss 'kto' needs the batch's KL rows (UnpairedBatch.kl: mismatched prompt/completion "
+                         "pairs, see artifex_dpo.data.unpaired.make_unpaired_batch(with_kl=True))")
+    elif not isinstance(batch, (PreferenceBatch, PackedPreferenceBatch)):
       raise ValueError(f"train_step expects a PreferenceBatch or PackedPreferenceBatch, got {type(batch).__name__}")
     needs_ref_values = self.config.needs_reference and self.reference_model is None
     if needs_ref_values and not batch.has_reference_log_probs:
@@ -461,7 +552,10 @@ class DPOTrainer:
       if isinstance(batch, PackedPreferenceBatch):
         raise ValueError("packed rows need a model accepting segment_ids (e.g. artifex_dpo.models.LlamaModel)")
       # A model called as model(tokens) sees every token: only right padding keeps scores exact.
-      for side in ("chosen", "rejected"):
+      sides = ("completions", "kl") if isinstance(batch, UnpairedBatch) else ("chosen", "rejected")
+      for side in sides:
+        if getattr(batch, side) is None:
+          continue
         seg = np.asarray(getattr(batch, side).segment_ids)
         if np.any(seg > 1) or np.any(np.diff((seg > 0).astype(np.int8), axis=1) > 0):
           raise ValueError(
@@ -474,6 +568,12 @@ class DPOTrainer:
     state = nnx.state((self.model, self.optimizer))
     new_state, metrics = self._train_step(state, self._ref_state, batch)
     nnx.update((self.model, self.optimizer), new_state)
+    self._updates += 1
+    if self.config.sync_ref_model and self._updates % self.config.ref_model_sync_steps == 0:
+      # TR-DPO, as TRL's SyncRefModelCallback: after every ref_model_sync_steps-th update.
+      mixed = self._sync(nnx.state(self.reference_model, nnx.Param), nnx.state(self.model, nnx.Param))
+      nnx.update(self.reference_model, mixed)
+      self._ref_state = nnx.state(self.reference_model)
     return metrics["loss"], metrics
 
   def compute_loss(self, batch: PreferenceBatch | PackedPreferenceBatch) -> tuple[jax.Array, Metrics]:

@@ -218,3 +218,38 @@ class PackedPreferenceBatch:
   @property
   def has_reference_log_probs(self) -> bool:
     return self.reference_sequence_log_probs is not None
+
+
+@struct.dataclass
+class UnpairedBatch:
+  """Single labelled completions for the unpaired losses (KTO), with their KL pairs.
+
+  Attributes:
+    completions: ``[N, T]`` prompt + completion rows (``response_mask`` on the completion).
+    labels: int32 ``[N]``: 1 desirable, 0 undesirable.
+    kl: ``[N, T']`` mismatched rows (prompt i + the completion of another example of the batch),
+      whose log-ratios estimate KTO's reference point; None for ``apo_zero_unpaired``.
+    example_mask: ``[N]`` 0/1 or None; 0 marks filler examples that count nowhere.
+
+  Precomputed reference log-probs ride on the two GeneratedSequenceBatches as in PreferenceBatch.
+  """
+
+  completions: GeneratedSequenceBatch
+  labels: jax.Array
+  kl: GeneratedSequenceBatch | None = None
+  example_mask: jax.Array | None = None
+
+  @property
+  def has_reference_log_probs(self) -> bool:
+    has = lambda s: s is not None and (s.reference_log_probs is not None or s.reference_sequence_log_probs is not None)
+    return has(self.completions) and (self.kl is None or has(self.kl))
+
+  @classmethod
+  def from_arrays(cls, arrays: dict[str, Any]) -> "UnpairedBatch":
+    """From :func:`artifex_dpo.data.unpaired.make_unpaired_batch`'s numpy arrays."""
+    side = lambda p: GeneratedSequenceBatch(
+        sequences=jnp.asarray(arrays[f"{p}_tokens"]), response_mask=jnp.asarray(arrays[f"{p}_response_mask"]),
+        segment_ids=jnp.asarray(arrays[f"{p}_segment_ids"]))
+    return cls(completions=side("completion"), labels=jnp.asarray(arrays["labels"]),
+               kl=side("kl") if "kl_tokens" in arrays else None,
+               example_mask=jnp.asarray(arrays["example_mask"]) if "example_mask" in arrays else None)

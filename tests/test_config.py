@@ -32,6 +32,7 @@ def _cfg(**overrides):
 @pytest.mark.parametrize("overrides,key", [
     (dict(model__dtype="float16"), "model.dtype"),
     (dict(model__remat="some"), "model.remat"),
+    (dict(lora__rank=4, dpo__sync_ref_model=True), "dpo.sync_ref_model"),
     (dict(data__max_prompt_length=600), "data.max_prompt_length"),
     (dict(data__truncation_mode="middle"), "data.truncation_mode"),
     (dict(data__eval_split=1.0), "data.eval_split"),

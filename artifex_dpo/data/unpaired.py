@@ -1,0 +1,216 @@
+"""Unpaired (KTO) records -> labelled single completions -> padded batches with KL pairs.
+
+Record forms (TRL's ``KTOTrainer`` data):
+
+* **unpaired**: ``prompt`` / ``completion`` strings and a boolean ``label`` (True: desirable);
+  conversational: ``prompt`` and ``completion`` lists of ``{"role", "content"}`` messages,
+  rendered with the tokenizer's chat template (prompt with ``add_generation_prompt=True``; the
+  completion is the whole conversation's rendering minus the prompt's); pre-tokenized:
+  ``prompt_ids`` / ``completion_ids`` and ``label``.
+* **paired**: any record :mod:`artifex_dpo.data.formats` reads becomes two examples, the chosen
+  response desirable and the rejected one undesirable (as TRL's ``unpair_preference_dataset``).
+
+Tokenization and truncation follow the paired records' rules (prompt with the tokenizer's
+leading special tokens, EOS appended to the completion, prompt cut by ``truncation_mode``, the
+completion cut to fit ``max_length``, an example whose completion would be empty is dropped).
+
+KL pairs: KTO's reference point is estimated from mismatched (prompt, completion) pairs. As TRL
+does, the completions are rotated by one within the batch: example i's KL sequence is prompt i
+followed by completion i-1 (the first takes the last). Here the rotation runs over the batch as
+given (the global batch in the training order), so the KL pairs depend on the batch order but
+not on how many processes share the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from artifex_dpo.data.errors import DataError
+from artifex_dpo.data.formats import (TruncationSettings, _ids, _messages, _text, parse_record, special_prefix,
+                                      tokenize_pairs, PairTexts, TokenizedPair, _with_eos)
+from artifex_dpo.data.tokenizer import Tokenizer
+
+UNPAIRED_KEYS = ("completion", "completion_ids", "label")
+
+
+@dataclasses.dataclass
+class UnpairedExample:
+  """One labelled completion as int32 token ids."""
+
+  prompt_ids: np.ndarray
+  completion_ids: np.ndarray
+  label: bool
+
+
+def is_unpaired_record(record: Mapping[str, Any]) -> bool:
+  return any(k in record for k in UNPAIRED_KEYS)
+
+
+def _label(record: Mapping[str, Any], path: str, line: int | None) -> bool:
+  if "label" not in record or record["label"] is None:
+    raise DataError(path, line, "missing (an unpaired record needs a boolean label)", field="label")
+  value = record["label"]
+  if not isinstance(value, (bool, np.bool_)):
+    raise DataError(path, line, f"expected true or false, got {value!r}", field="label")
+  return bool(value)
+
+
+def _render_conversation(record, tokenizer: Tokenizer, path: str, line: int | None) -> tuple[str, str]:
+  if not tokenizer.has_chat_template:
+    raise DataError(path, line, f"conversational record, but the tokenizer {tokenizer.name} has no chat template")
+  prompt = _messages(record, "prompt", path, line)
+  completion = _messages(record, "completion", path, line)
+  if not completion:
+    raise DataError(path, line, "empty (no turns)", field="completion")
+  try:
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + completion, add_generation_prompt=False)
+  except Exception as e:  # jinja2.TemplateError and errors inside the template.
+    raise DataError(path, line, f"chat template failed: {type(e).__name__}: {e}") from None
+  if not full.startswith(prompt_text):
+    raise DataError(path, line, "the chat template renders the prompt differently inside the whole conversation "
+                                "(the prompt rendering is not a prefix)", field="completion")
+  text = full[len(prompt_text):]
+  if not text.strip():
+    raise DataError(path, line, "empty after rendering", field="completion")
+  return prompt_text, text
+
+
+def parse_unpaired_record(record: Mapping[str, Any], tokenizer: Tokenizer, path: str = "<record>",
+                          line: int | None = None) -> list[UnpairedExample]:
+  """Validates a record and returns its examples (one, or two for a paired record), untruncated.
+
+  Raises:
+    DataError: ``path:line: field: what is wrong``.
+  """
+  if not isinstance(record, Mapping):
+    raise DataError(path, line, f"expected a JSON object, got {type(record).__name__}")
+  if not is_unpaired_record(record):
+    parsed = parse_record(record, tokenizer, path, line)
+    pair = parsed if isinstance(parsed, TokenizedPair) else tokenize_pairs([parsed], tokenizer)[0]
+    return [UnpairedExample(pair.prompt_ids, pair.chosen_ids, True),
+            UnpairedExample(pair.prompt_ids, pair.rejected_ids, False)]
+  label = _label(record, path, line)
+  if "completion_ids" in record or "prompt_ids" in record:
+    v = tokenizer.vocab_size
+    return [UnpairedExample(_ids(record, "prompt_ids", v, path, line, allow_empty=True),
+                            _ids(record, "completion_ids", v, path, line, allow_empty=False), label)]
+  if isinstance(record.get("completion"), list) or isinstance(record.get("prompt"), list):
+    prompt_text, completion = _render_conversation(record, tokenizer, path, line)
+    specials = False
+  else:
+    prompt_text = _text(record, "prompt", path, line, allow_empty=True)
+    completion = _text(record, "completion", path, line, allow_empty=False)
+    specials = True
+  (prompt_ids, completion_ids) = tokenizer.encode_batch([prompt_text, completion], add_special_tokens=False)
+  prompt_ids = (special_prefix(tokenizer) + list(prompt_ids)) if specials else list(prompt_ids)
+  return [UnpairedExample(np.asarray(prompt_ids, np.int32), _with_eos(completion_ids, tokenizer.eos_id), label)]
+
+
+def truncate_example(example: UnpairedExample, settings: TruncationSettings,
+                     bos_id: int | None = None) -> UnpairedExample | None:
+  """The paired rules on one completion (the completion stands in for both responses); None: dropped."""
+  from artifex_dpo.data.formats import truncate_pair
+
+  pair, _ = truncate_pair(TokenizedPair(example.prompt_ids, example.completion_ids, example.completion_ids),
+                          settings, bos_id)
+  return None if pair is None else UnpairedExample(pair.prompt_ids, pair.chosen_ids, example.label)
+
+
+def read_unpaired(records: Sequence[tuple[str, int | None, Mapping[str, Any]]], tokenizer: Tokenizer,
+                  settings: TruncationSettings | None = None) -> tuple[list[UnpairedExample], int]:
+  """``(path, line, record)`` triples -> truncated examples and the number dropped by truncation."""
+  settings = settings or TruncationSettings()
+  out, dropped = [], 0
+  for path, line, record in records:
+    for example in parse_unpaired_record(record, tokenizer, path, line):
+      kept = truncate_example(example, settings, tokenizer.bos_id)
+      if kept is None:
+        dropped += 1
+      else:
+        out.append(kept)
+  return out, dropped
+
+
+def _pad_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """(prompt, completion) rows -> right-padded tokens, segment ids and response mask ``[N, length]``."""
+  n = len(rows)
+  tokens = np.full((n, length), pad_id, np.int32)
+  segment_ids = np.zeros((n, length), np.int32)
+  response = np.zeros((n, length), np.int32)
+  for i, (p, c) in enumerate(rows):
+    seq = np.concatenate([p, c])[:length]
+    tokens[i, :len(seq)] = seq
+    segment_ids[i, :len(seq)] = 1
+    response[i, max(len(p), 1):len(seq)] = 1  # position 0 has no context: never scored
+  return {"tokens": tokens, "segment_ids": segment_ids, "response_mask": response}
+
+
+def make_unpaired_batch(examples: Sequence[UnpairedExample], *, pad_id: int, with_kl: bool,
+                        pad_multiple: int | None = None, max_length: int | None = None,
+                        example_mask: Sequence[int] | None = None, num_rows: int | None = None,
+                        min_examples: int = 2) -> dict[str, np.ndarray]:
+  """A padded batch: ``completion_*`` and (``with_kl``) ``kl_*`` arrays ``[N, L]``, ``labels`` ``[N]``.
+
+  The KL sequence of example i is its prompt followed by the completion of example i-1 (rotation
+  by one, TRL's rule); it is cut to ``max_length`` like the completion itself. ``num_rows`` fills
+  the batch up with empty rows (``example_mask`` 0) after the real examples, which alone rotate.
+  """
+  if num_rows is not None and num_rows > len(examples):
+    out = make_unpaired_batch(examples, pad_id=pad_id, with_kl=with_kl, pad_multiple=pad_multiple,
+                              max_length=max_length, min_examples=min_examples)
+    extra = num_rows - len(examples)
+    for k, v in out.items():
+      fill = pad_id if k.endswith("_tokens") else 0
+      out[k] = np.concatenate([v, np.full((extra, *v.shape[1:]), fill, v.dtype)])
+    return out
+  if with_kl and len(examples) < min_examples:
+    raise ValueError("KTO needs at least 2 examples per batch: with one, the KL pair is the example itself")
+  if not examples:
+    raise ValueError("make_unpaired_batch: no examples")
+  rows = [(e.prompt_ids, e.completion_ids) for e in examples]
+  kl_rows = [(e.prompt_ids, examples[i - 1].completion_ids) for i, e in enumerate(examples)] if with_kl else []
+  longest = max(len(p) + len(c) for p, c in rows + kl_rows)
+  if max_length is not None:
+    longest = min(longest, max_length)
+  length = longest if not pad_multiple else -(-longest // pad_multiple) * pad_multiple
+  if max_length is not None and length > max_length:
+    length = max_length
+  out = {f"completion_{k}": v for k, v in _pad_rows(rows, length, pad_id).items()}
+  if with_kl:
+    out.update({f"kl_{k}": v for k, v in _pad_rows(kl_rows, length, pad_id).items()})
+  out["labels"] = np.asarray([e.label for e in examples], np.int32)
+  out["example_mask"] = np.ones(len(examples), np.int32) if example_mask is None else np.asarray(example_mask,
+                                                                                                np.int32)
+  return out
+
+
+def read_unpaired_files(files: str | Sequence[str], tokenizer: Tokenizer, settings: TruncationSettings | None = None,
+                        format: str | None = None) -> tuple[list[UnpairedExample], int]:
+  """Reads KTO data from files (jsonl / json / parquet / array_record; paired records are unpaired).
+
+  Returns:
+    The examples in file order and the number dropped by truncation.
+
+  Raises:
+    DataError: ``file:line: field: what is wrong`` for the first bad record, or no usable example.
+  """
+  from artifex_dpo.data.sources import expand_files, read_records_lenient
+
+  paths = expand_files(files)
+
+  def records():
+    for path in paths:
+      for line, record in read_records_lenient(path, format):
+        if isinstance(record, DataError):
+          raise record
+        yield path, line, record
+
+  examples, dropped = read_unpaired(records(), tokenizer, settings)
+  if not examples:
+    raise DataError(",".join(paths), None, f"no usable examples ({dropped} dropped by truncation)")
+  return examples, dropped

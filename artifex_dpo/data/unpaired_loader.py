@@ -1,0 +1,125 @@
+"""KTO data for the training service: the unpaired dataset, its loader and eval batches.
+
+They mirror ``PreferenceDataset`` / ``PreferenceLoader`` / ``eval_batches`` for labelled single
+completions. Multi-host: every process reads every record in the first pass, so each one builds
+the whole global batch (KL rows rotated over the global batch, in the global order) and keeps its
+own rows: the batch, and so the KL estimate, does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from artifex_dpo.data.errors import DataError
+from artifex_dpo.data.formats import TruncationSettings
+from artifex_dpo.data.pipeline import global_batch_indices, pad_length, process_slice
+from artifex_dpo.data.tokenizer import Tokenizer
+from artifex_dpo.data.unpaired import UnpairedExample, make_unpaired_batch, read_unpaired_files
+
+
+class UnpairedDataset:
+  """Labelled completions (``UnpairedExample``) with the counters of the first pass."""
+
+  def __init__(self, examples: Sequence[UnpairedExample], pad_id: int, *, num_skipped_invalid: int = 0,
+               num_dropped_truncated: int = 0):
+    self.examples = list(examples)
+    self.pad_id = pad_id
+    self.num_skipped_invalid = num_skipped_invalid
+    self.num_dropped_truncated = num_dropped_truncated
+    # The paired data counters the service logs (not counted for unpaired examples yet).
+    self.num_identical_pairs = self.num_truncated_prompts = self.num_truncated_responses = 0
+    self.lengths = np.asarray([len(e.prompt_ids) + len(e.completion_ids) for e in self.examples], np.int64)
+
+  @classmethod
+  def from_files(cls, files, tokenizer: Tokenizer, *, format: str | None = None, max_length: int | None = None,
+                 max_prompt_length: int | None = None, truncation_mode: str = "keep_end") -> "UnpairedDataset":
+    settings = TruncationSettings(max_length, max_prompt_length, truncation_mode)
+    examples, dropped = read_unpaired_files(files, tokenizer, settings, format)
+    return cls(examples, tokenizer.pad_id, num_dropped_truncated=dropped)
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def subset(self, indices) -> "UnpairedDataset":
+    return UnpairedDataset([self.examples[int(i)] for i in indices], self.pad_id)
+
+  def fingerprint(self) -> str:
+    h = hashlib.sha256()
+    for e in self.examples:
+      h.update(np.asarray(e.prompt_ids, np.int32).tobytes() + b"|" + np.asarray(e.completion_ids, np.int32).tobytes()
+               + (b"+" if e.label else b"-"))
+    return h.hexdigest()[:20]
+
+
+def unpaired_eval_split(dataset: UnpairedDataset, fraction: float,
+                        seed: int = 0) -> tuple[UnpairedDataset, UnpairedDataset | None]:
+  """Holds out a fraction of the examples (the rule of ``pipeline.eval_split``)."""
+  if fraction == 0.0:
+    return dataset, None
+  n = len(dataset)
+  n_eval = max(1, int(round(fraction * n)))
+  if n_eval >= n:
+    raise DataError("data.eval_split", None, f"holding out {n_eval} of {n} examples leaves none to train on")
+  perm = np.random.default_rng(np.random.SeedSequence([abs(int(seed)), 0x5EED])).permutation(n)
+  held = np.zeros(n, bool)
+  held[perm[:n_eval]] = True
+  train, evaluation = dataset.subset(np.flatnonzero(~held)), dataset.subset(np.flatnonzero(held))
+  train.num_skipped_invalid, train.num_dropped_truncated = dataset.num_skipped_invalid, dataset.num_dropped_truncated
+  return train, evaluation
+
+
+def _local(dataset: UnpairedDataset, g: np.ndarray, sl: slice, *, with_kl: bool, pad_multiple, max_length,
+           num_rows: int | None = None, min_examples: int = 2) -> dict[str, Any]:
+  examples = [dataset.examples[int(i)] for i in g]
+  batch = make_unpaired_batch(examples, pad_id=dataset.pad_id, with_kl=with_kl, pad_multiple=pad_multiple,
+                              max_length=max_length, num_rows=num_rows, min_examples=min_examples)
+  tokens = int(batch["completion_segment_ids"].sum() + (batch["kl_segment_ids"].sum() if with_kl else 0))
+  local = {k: v[sl] for k, v in batch.items()}
+  rows = len(batch["labels"])
+  indices = np.full(rows, -1, np.int64)
+  indices[:len(g)] = g
+  local.update(pair_indices=indices[sl], global_num_tokens=tokens, global_num_pairs=len(g))
+  return local
+
+
+class UnpairedLoader:
+  """``(step_index, local batch)`` for steps ``start_step, ...``: the KTO twin of ``PreferenceLoader``."""
+
+  def __init__(self, dataset: UnpairedDataset, global_batch_size: int, *, seed: int, shuffle: bool,
+               process_index: int, process_count: int, pad_multiple: int | None, max_length: int | None,
+               with_kl: bool, start_step: int = 0, num_steps: int | None = None):
+    self.dataset, self.global_batch_size, self.seed, self.shuffle = dataset, global_batch_size, seed, shuffle
+    self._slice = process_slice(global_batch_size, process_index, process_count)
+    self.pad_multiple, self.max_length, self.with_kl = pad_multiple, max_length, with_kl
+    self.step, self.end = start_step, None if num_steps is None else num_steps
+    self.plan = None
+
+  def load(self, step: int) -> dict[str, Any]:
+    g = global_batch_indices(step, self.global_batch_size, len(self.dataset), self.seed, self.shuffle)
+    return _local(self.dataset, g, self._slice, with_kl=self.with_kl, pad_multiple=self.pad_multiple,
+                  max_length=self.max_length)
+
+  def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    while self.end is None or self.step < self.end:
+      step = self.step
+      self.step += 1
+      yield step, self.load(step)
+
+
+def unpaired_eval_batches(dataset: UnpairedDataset, global_batch_size: int, process_index: int = 0,
+                          process_count: int = 1, pad_multiple: int | None = None, max_length: int | None = None,
+                          with_kl: bool = True) -> Iterator[dict[str, Any]]:
+  """Every example once, in order; the last global batch filled up with empty rows (``example_mask`` 0).
+
+  A last batch with a single real example pairs it with itself for its KL row (nothing else to mismatch).
+  """
+  sl = process_slice(global_batch_size, process_index, process_count)
+  n = len(dataset)
+  for start in range(0, n, global_batch_size):
+    g = np.arange(start, min(start + global_batch_size, n), dtype=np.int64)
+    yield _local(dataset, g, sl, with_kl=with_kl, pad_multiple=pad_multiple, max_length=max_length,
+                 num_rows=global_batch_size, min_examples=1)
