@@ -96,3 +96,19 @@ def test_bad_record_stops_both_processes_naming_file_and_line(tmp_path, monkeypa
   a, b = _two_processes(monkeypatch, data, str(tmp_path / "cache"))
   for e in (a, b):
     assert isinstance(e, Exception) and str(e).startswith(f"{data}:6: ") and "chosen" in str(e), e
+
+
+def test_fingerprint_is_the_content_not_the_path_or_the_process_count(tmp_path, monkeypatch):
+  # A copied workdir (another path to the same data) or another process count must resume; other data must not.
+  records = synthetic_records(37, seed=2)
+  a, b = str(tmp_path / "a" / "train.jsonl"), str(tmp_path / "b" / "train.jsonl")
+  _write(a, records)
+  _write(b, records)
+  monkeypatch.setattr(cache, "CHUNK", 4)
+  one = cache.load_or_tokenize(a, load_tokenizer("byte"), str(tmp_path / "a" / "cache"), **KW)
+  c = str(tmp_path / "c" / "train.jsonl")
+  _write(c, records[:-1] + [dict(records[-1], chosen=records[-1]["chosen"] + "x")])
+  other = cache.load_or_tokenize(c, load_tokenizer("byte"), str(tmp_path / "c" / "cache"), **KW)
+  two, _ = _two_processes(monkeypatch, b, str(tmp_path / "b" / "cache"))
+  assert one.fingerprint() == two.fingerprint()
+  assert other.fingerprint() != one.fingerprint()

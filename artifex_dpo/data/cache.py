@@ -187,6 +187,9 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
   skipped: list[tuple[int, str]] = []
   counts = {"invalid": 0, "dropped": 0, "identical": 0, "prompts": 0, "responses": 0}
   pending: list[tuple[int, PairTexts | Any]] = []
+  # One content hash per chunk (its pairs' token ids and boundaries): the data's fingerprint is made
+  # of them, so it does not depend on paths, on where the cache lies or on how many processes wrote it.
+  chunk_hashes: dict[int, Any] = {}
   pos = 0
   error = None
 
@@ -208,8 +211,11 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
           len(cut.rejected_ids) < len(pair.rejected_ids))
       pair = cut
       row = [pos]
+      digest = chunk_hashes.setdefault(k // CHUNK, hashlib.sha256())
       for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
         a = np.asarray(ids, np.int32)
+        digest.update(np.int64(len(a)).tobytes())
+        digest.update(a.tobytes())
         parts.append(a)
         pos += len(a)
         row.append(pos)
@@ -244,7 +250,8 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
   meta = {"chunks": sorted(chunk_pairs), "pairs_per_chunk": [chunk_pairs[c] for c in sorted(chunk_pairs)],
           "num_tokens": int(len(tokens)), "invalid": counts["invalid"], "dropped": counts["dropped"],
           "identical": counts["identical"], "prompts": counts["prompts"], "responses": counts["responses"],
-          "skipped": skipped, "error": error, "process_count": process_count}
+          "skipped": skipped, "error": error, "process_count": process_count,
+          "chunk_sha256": [chunk_hashes[c].hexdigest() for c in sorted(chunk_pairs)]}
   return {"tokens": tokens, "offsets": np.asarray(offsets, np.int64).reshape(-1, 4), "meta": meta}
 
 
@@ -330,6 +337,9 @@ def _load(folder: str, key: str, paths: list[str], pad_id: int, dataset_cls):
     log.warning("skipping invalid record: %s", msg)
   dataset = dataset_cls(store, table, pad_id, num_skipped_invalid=invalid, num_dropped_truncated=dropped,
                         skipped_messages=skipped)
+  if all("chunk_sha256" in m for m in metas):  # the content's fingerprint (caches of older versions: the key's)
+    by_chunk = sorted((c, h) for m in metas for c, h in zip(m["chunks"], m["chunk_sha256"]))
+    dataset._fingerprint = hashlib.sha256(json.dumps(by_chunk).encode()).hexdigest()[:16]
   dataset.num_identical_pairs = identical
   dataset.num_truncated_prompts = sum(m.get("prompts", 0) for m in metas)
   dataset.num_truncated_responses = sum(m.get("responses", 0) for m in metas)
