@@ -19,7 +19,9 @@ from artifex_dpo import config as config_lib
 COMMON = ["--config.data.synthetic_pairs=96", "--config.data.eval_split=0.25",  # 24 held-out pairs
           "--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_every=0",
           "--config.checkpoint.save_every=0", "--config.export.hf=False", "--config.optim.warmup_steps=0",
-          "--config.dpo.loss_type=sigmoid,sft"]
+          "--config.dpo.loss_type=sigmoid,sft",
+          # Large enough that after one update the rewards are far from ties (accuracies compare them).
+          "--config.optim.learning_rate=1e-3"]
 SAME = ("loss", "loss/sigmoid", "loss/sft", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
         "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "tokens", "pairs")
 
@@ -40,6 +42,11 @@ def test_packed_rows_accumulated_equal_one_padded_batch(runs):
   assert sorted(one) == sorted(packed) == [1, 2]
   for step in (1, 2):  # step 2 also checks that both updates were the same
     for k in SAME:
+      if step == 1 and k == "rewards/accuracies":
+        # Before the first update the policy is the reference: every reward is 0 up to rounding, and
+        # "chosen > rejected" compares rounding noise, which differs between layouts.
+        assert abs(one[1]["rewards/chosen"]) < 1e-4 and abs(packed[1]["rewards/chosen"]) < 1e-4
+        continue
       np.testing.assert_allclose(packed[step][k], one[step][k], rtol=2e-4, atol=1e-6, err_msg=f"step {step} {k}")
   assert one[1]["pairs"] == 16
 
