@@ -18,8 +18,8 @@ took over) stops at once without saving, so that it never overwrites the new hol
 
 Multi-host: the processes of one job share one lease; process 0 holds and renews it (see
 ``main``). The compare-and-swap is a small backend (:class:`LocalBackend` here: ``flock`` around
-read-check-replace); an object store slots in with its own conditional writes (on GCS, object
-generation preconditions: ``if_generation_match=0`` to create, ``=g`` to renew or take over).
+read-check-replace; :class:`ObjectStoreBackend` for ``gs://``: object generation preconditions,
+"only if missing" to create, "only if generation g" to renew, take over or delete).
 """
 
 from __future__ import annotations
@@ -135,6 +135,60 @@ def describe(doc: dict[str, Any]) -> str:
   return f"host {doc.get('host')} pid {doc.get('pid')} (started {doc.get('start_time')})"
 
 
+class ObjectStoreBackend:
+  """The lease as one object in a bucket (``gs://``), swapped with the store's own preconditions.
+
+  Through tensorstore's kvstore (the library Orbax already uses for ``gs://``): each write carries
+  ``if_equal`` = the object generation last read (GCS ``ifGenerationMatch``; "missing" to create),
+  so of two writers only one succeeds. The integer generation the :class:`Lease` compares is kept in
+  the document, as :class:`LocalBackend` does.
+  """
+
+  def __init__(self, path: str):
+    import tensorstore as ts  # noqa: PLC0415
+
+    bucket, _, key = path.removeprefix("gs://").partition("/")
+    if not path.startswith("gs://") or not bucket or not key:
+      raise ValueError(f"{path}: a lease in a bucket needs a gs://BUCKET/path")
+    self.path = path
+    self._kv = ts.KvStore.open({"driver": "gcs", "bucket": bucket}).result()
+    self._key = key
+
+  def _read(self):
+    """``((document, generation) | None, object generation)``."""
+    r = self._kv.read(self._key).result()
+    if r.state == "missing":
+      return None, r.stamp.generation
+    try:
+      doc = json.loads(r.value)
+    except ValueError:
+      return ({"host": "?", "pid": -1, "start_time": "?"}, -1), r.stamp.generation
+    return (doc, int(doc.get("generation", 0))), r.stamp.generation
+
+  def read(self):
+    return self._read()[0]
+
+  def write_if(self, doc, generation):
+    current, stamp = self._read()
+    if (current is None) != (generation is None) or (current is not None and current[1] != generation):
+      return None
+    new_generation = (generation if generation is not None else 0) + 1
+    data = json.dumps(dict(doc, generation=new_generation)).encode()
+    written = self._kv.write(self._key, data, if_equal=stamp).result()
+    return new_generation if written.generation else None  # an empty generation: the precondition failed
+
+  def delete_if(self, generation):
+    current, stamp = self._read()
+    if current is None or current[1] != generation:
+      return False
+    return bool(self._kv.write(self._key, None, if_equal=stamp).result().generation)
+
+
+def backend_for(path: str) -> Backend:
+  """The compare-and-swap backend of a lease path: a bucket object for ``gs://``, else a local file."""
+  return ObjectStoreBackend(path) if path.startswith("gs://") else LocalBackend(path)
+
+
 @dataclasses.dataclass
 class Lease:
   """The workdir lease of this run (see the module docstring).
@@ -150,7 +204,7 @@ class Lease:
   log: Any = None
 
   def __post_init__(self):
-    self.backend = self.backend or LocalBackend(self.path)
+    self.backend = self.backend or backend_for(self.path)
     self._doc = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
                  "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     self._generation: int | None = None

@@ -119,12 +119,12 @@ def _take_lease(c, workdir: str, sig):
 
   if not c.train.lease_timeout_s:
     return None
-  if "://" in workdir:
-    logging.warning("no workdir lease on %s: only local and mounted file systems have one so far", workdir)
+  if "://" in workdir and not workdir.startswith("gs://"):
+    logging.warning("no workdir lease on %s: only local file systems and gs:// have one", workdir)
     return None
   lease, error = None, None
   if jax.process_index() == 0:
-    lease = lease_lib.Lease(os.path.join(workdir, lease_lib.LEASE_FILE), c.train.lease_timeout_s,
+    lease = lease_lib.Lease(f"{workdir.rstrip('/')}/{lease_lib.LEASE_FILE}", c.train.lease_timeout_s,
                             log=logging.warning)
     try:
       lease.acquire()

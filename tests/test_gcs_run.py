@@ -18,7 +18,7 @@ from artifex_dpo import storage
 from gcs import gcs_emulator  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 60  # enough that the SIGTERM sent after step 2 lands mid-run, however fast the machine
 ARGS = [f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.checkpoint.save_every=0", "--config.train.global_batch_size=8", "--config.train.eval_batch_size=16",
         "--config.data.max_length=96", "--config.data.max_prompt_length=48", "--config.optim.warmup_steps=0",

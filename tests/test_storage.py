@@ -108,3 +108,45 @@ def test_safetensors_in_a_bucket_are_read_by_byte_range(gcs_emulator, monkeypatc
   np.testing.assert_array_equal(got, tensors["a"][16:24, 8:40])
   assert ranges == [8 * 48 * 4]  # rows 16..23 only, one ranged GET
   np.testing.assert_array_equal(reader.read("b", (slice(None),)), tensors["b"])
+
+
+def test_workdir_lease_compare_and_swap_has_one_winner(root):
+  """The lease's backend (a local file, or a bucket object with generation preconditions) swaps atomically."""
+  from artifex_dpo.lease import Lease, LeaseError, backend_for
+
+  storage.makedirs(root)
+  path = storage.join(root, "lease.json")
+  backend = backend_for(path)
+  assert backend.read() is None
+  assert backend.write_if({"host": "a", "pid": 1}, None) == 1
+  assert backend.write_if({"host": "b", "pid": 2}, None) is None  # it exists now: creating again loses
+  assert backend.write_if({"host": "c", "pid": 3}, 1) == 2
+  assert backend.write_if({"host": "d", "pid": 4}, 1) is None  # a stale generation loses
+  assert backend.read()[0]["host"] == "c"
+  assert not backend.delete_if(1) and backend.delete_if(2) and backend.read() is None
+  if hasattr(backend, "_read"):  # the bucket: the store's precondition, not our read, decides a race
+    assert backend.write_if({"host": "e", "pid": 5}, None) == 1
+    seen = backend._read()  # both writers read generation 1; the other one writes first
+    assert backend.write_if({"host": "f", "pid": 6}, 1) == 2
+    backend._read = lambda: seen
+    assert backend.write_if({"host": "g", "pid": 7}, 1) is None
+    assert not backend.delete_if(1)
+    del backend._read
+    assert backend.read()[0]["host"] == "f" and backend.delete_if(2)
+  # A live run of this host (here: our parent process) holds it: a new run is refused at once, naming it.
+  import socket
+
+  from artifex_dpo.lease import _process_start
+
+  holder = {"host": socket.gethostname(), "pid": os.getppid(), "pid_start": _process_start(os.getppid()),
+            "start_time": "T"}
+  assert backend.write_if(holder, None) == 1
+  with pytest.raises(LeaseError, match=f"in use by a live run: host .* pid {os.getppid()} \\(started T\\)"):
+    Lease(path, timeout_s=60).acquire()
+  # Its holder gone (a pid that is not running), the lease is taken over and released at the end.
+  assert backend.write_if(dict(holder, pid=2**22 + 7, pid_start=None), 1) == 2
+  lease = Lease(path, timeout_s=60)
+  lease.acquire()
+  assert backend.read()[0]["pid"] == os.getpid()
+  lease.release()
+  assert backend.read() is None
