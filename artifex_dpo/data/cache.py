@@ -251,7 +251,7 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
           "num_tokens": int(len(tokens)), "invalid": counts["invalid"], "dropped": counts["dropped"],
           "identical": counts["identical"], "prompts": counts["prompts"], "responses": counts["responses"],
           "skipped": skipped, "error": error, "process_count": process_count,
-          "chunk_sha256": [chunk_hashes[c].hexdigest() for c in sorted(chunk_pairs)]}
+          "chunk_sha256": [chunk_hashes.get(c, hashlib.sha256()).hexdigest() for c in sorted(chunk_pairs)]}
   return {"tokens": tokens, "offsets": np.asarray(offsets, np.int64).reshape(-1, 4), "meta": meta}
 
 
