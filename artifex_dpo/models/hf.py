@@ -723,12 +723,16 @@ def _generation_config(config: ModelConfig) -> dict[str, Any]:
 
 
 def _replace_dir(tmp: str, out: str) -> None:
-  """Moves ``tmp`` to ``out``, replacing (and on failure restoring) an existing ``out``.
+  """Moves ``tmp`` to ``out`` (files 0644, the folder 0755), replacing (and on failure restoring) an existing ``out``.
 
   Locally one rename of the folder (atomic). On a bucket, where there are no folders to rename,
   the old export's marker goes first, then its objects are replaced, and ``tmp``'s marker is
   moved last: a reader that sees the marker sees a complete export.
   """
+  if not storage.is_remote(tmp):  # readable by a serving container running as another user
+    for name in os.listdir(tmp):
+      os.chmod(os.path.join(tmp, name), 0o644)
+    os.chmod(tmp, 0o755)
   if storage.is_remote(out):
     storage.remove(storage.join(out, EXPORT_INFO_FILE))
     storage.remove(out, recursive=True)
@@ -856,10 +860,6 @@ def export_hf(
       _write_json(storage.join(tmp, "config.json"), hf_config)
       _write_aux_files(tmp, model.config, tokenizer_dir)
       _write_json(storage.join(tmp, EXPORT_INFO_FILE), dict(info or {}, files=sorted(names)))
-      if not storage.is_remote(tmp):
-        for name in os.listdir(tmp):
-          os.chmod(os.path.join(tmp, name), 0o644)
-        os.chmod(tmp, 0o755)
       _replace_dir(tmp, out)
   except BaseException:
     if me == 0:

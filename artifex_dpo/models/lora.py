@@ -498,11 +498,5 @@ def export_peft(model: LoraLlamaModel, out_dir: str, *, dtype: str = "float32",
     storage.write_bytes(storage.join(tmp, name), payload)
   marker = dict(info or {}, files=sorted(files), format="peft")
   storage.write_text(storage.join(tmp, EXPORT_INFO_FILE), json.dumps(marker, indent=2, sort_keys=True) + "\n")
-  if not storage.is_remote(tmp):
-    import os  # noqa: PLC0415
-
-    for name in os.listdir(tmp):
-      os.chmod(os.path.join(tmp, name), 0o644)
-    os.chmod(tmp, 0o755)
   _replace_dir(tmp, out_dir)
   return out_dir
