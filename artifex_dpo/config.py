@@ -45,8 +45,11 @@ class ConfigError(ValueError):
 
 @functools.cache
 def keys() -> tuple[Key, ...]:
-  """Every config key, in the order of the README's table (built on first use: it imports the modules whose
-  constants give the choices)."""
+  """Every config key, in the order of the README's table.
+
+  Built on first use (and cached): it imports the modules whose constants give the choices, which
+  ``import artifex_dpo.config`` alone does not (the launchers import it without JAX).
+  """
   from artifex_dpo.data import formats, sources
   from artifex_dpo.dpo_config import DPOConfig
   from artifex_dpo.models import attention, config as model_config, hf, lora, presets

@@ -169,7 +169,7 @@ def check_fields(obj: Any) -> None:
 
 
 def _cell(text: str) -> str:
-  return text.replace("|", "\\|").replace("\\\\|", "\\|")
+  return text.replace("|", "\\|")
 
 
 def markdown_table(keys: Sequence[Key]) -> str:
