@@ -78,8 +78,8 @@ class Key:
 
   def problem(self, value: Any, *, check_type: bool = True) -> str | None:
     """What is wrong with ``value`` for this key ("must be > 0, got -1"), or None when it is allowed."""
-    if value is None:
-      return None if self.default is None or not check_type else f"must be {_TYPE_NAMES[self.value_type]}, got None"
+    if value is None and self.default is None:
+      return None  # unset
     if check_type and not self._has_type(value):
       unset = " or unset" if self.default is None else ""
       return f"must be {_TYPE_NAMES[self.value_type]}{unset}, got {value!r}"
@@ -88,7 +88,10 @@ class Key:
         if value not in self.choices:
           return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
       else:
-        items = value.split(self.separator) if isinstance(value, str) else value
+        if isinstance(value, str):
+          items = value.split(self.separator)
+        else:
+          items = value if isinstance(value, Sequence) else [value]
         for item in items:
           item = item.strip() if isinstance(item, str) else item
           if item != "" and item not in self.choices:

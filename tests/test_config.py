@@ -220,3 +220,12 @@ def test_bounds(bounds, inside, outside):
   key = Key("x.y", 1.0, "doc", bounds=bounds)
   assert [key.problem(v) for v in inside] == [None] * len(inside)
   assert all(key.problem(v) for v in outside)
+
+
+def test_none_is_allowed_only_where_the_default_is_unset():
+  from artifex_dpo.dpo_config import DPOConfig
+
+  for name in ("logp_reduction", "f_divergence_type", "logits_chunk_size", "beta"):
+    with pytest.raises(ValueError, match=f"DPOConfig.{name} "):
+      DPOConfig(**{name: None})
+  assert DPOConfig(rpo_alpha=None, ld_alpha=None, loss_type=None) == DPOConfig()
