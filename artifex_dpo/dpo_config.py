@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from artifex_dpo import losses
+from artifex_dpo.config_schema import check_fields, field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +14,8 @@ class DPOConfig:
   """Configuration for Direct Preference Optimization and its family.
 
   The first three fields and their defaults are the seed trainer's; the rest follow TRL's
-  ``DPOConfig`` names.
+  ``DPOConfig`` names. Each field is also the service's config key ``dpo.<field>``: its one-line doc
+  and allowed values are declared with the field (``config_schema.field``) and checked here.
 
   Attributes:
     beta: reward scale (the KL-penalty strength). Higher keeps the policy closer to the reference.
@@ -54,28 +56,42 @@ class DPOConfig:
     ref_model_sync_steps: updates between TR-DPO syncs.
   """
 
-  beta: float = 0.1
-  label_smoothing: float = 0.0
-  reference_free: bool = False
-  loss_type: str | Sequence[str] | None = None
-  loss_weights: Sequence[float] | str | None = None
-  simpo_gamma: float = 0.0
-  rpo_alpha: float | None = None
-  logp_reduction: str = "sum"
-  discopop_tau: float = 0.05
-  logits_chunk_size: int = 512
-  precompute_ref_logps: bool = False
-  f_divergence_type: str = "reverse_kl"
-  f_alpha_divergence_coef: float = 0.5
-  use_weighting: bool = False
-  ld_alpha: float | None = None
-  cpo_alpha: float | None = None
-  alpha: float = 0.0
-  desirable_weight: float = 1.0
-  undesirable_weight: float = 1.0
-  sync_ref_model: bool = False
-  ref_model_mixup_alpha: float = 0.6
-  ref_model_sync_steps: int = 512
+  beta: float = field(0.1, "reward scale beta (KL strength)", bounds="> 0")
+  label_smoothing: float = field(0.0, "cDPO / robust label-flip rate", bounds="[0, 0.5)")
+  reference_free: bool = field(False, "score against a uniform reference (SimPO when loss_type is left empty)")
+  loss_type: str | Sequence[str] | None = field(
+      None, "loss name(s), e.g. sigmoid or sigmoid,sft; empty: sigmoid (simpo when reference-free)",
+      choices=losses.LOSS_TYPES, separator=",")
+  loss_weights: Sequence[float] | str | None = field(None, "comma-separated weights, one per loss; empty: all 1")
+  simpo_gamma: float = field(0.0, "SimPO target margin gamma")
+  rpo_alpha: float | None = field(None, "weight of the chosen NLL term (RPO); unset: off", bounds=">= 0")
+  logp_reduction: str = field("sum", "sequence log-prob reduction", choices=losses.LOGP_REDUCTIONS)
+  discopop_tau: float = field(0.05, "DiscoPOP temperature", bounds="> 0")
+  logits_chunk_size: int = field(
+      512, "tokens (rows x positions) per device in one chunk of the chunked output projection + log-softmax: "
+      "each device holds about this many tokens' float32 logits at a time", bounds=">= 1")
+  precompute_ref_logps: bool = field(
+      False, "score the data with the reference once before training (cached in workdir/ref_logps); then no "
+      "reference model in memory and no reference forward")
+  f_divergence_type: str = field(
+      "reverse_kl", "f-DPO divergence; reverse_kl is DPO's (others only with sigmoid, sigmoid_norm, hinge, ipo, "
+      "exo_pair, robust, discopop, sft)", choices=losses.F_DIVERGENCE_TYPES)
+  f_alpha_divergence_coef: float = field(0.5, "alpha of f_divergence_type=alpha_divergence")
+  use_weighting: bool = field(
+      False, "WPO: weight each pair by the policy's length-normalised probabilities of both responses")
+  ld_alpha: float | None = field(
+      None, "LD-DPO: weight of response tokens beyond the pair's shorter response; unset: off", bounds="[0, 1]")
+  cpo_alpha: float | None = field(
+      None, "CPO: weight of the chosen NLL term with reference_free=True (TRL's default 1.0); unset: off",
+      bounds=">= 0")
+  alpha: float = field(
+      0.0, "AlphaPO reward shape (1 - p^-alpha)/alpha for reference-free sigmoid/hinge/ipo/simpo/alphapo; 0: off")
+  desirable_weight: float = field(1.0, "KTO: weight of desirable (label true) examples", bounds="> 0")
+  undesirable_weight: float = field(1.0, "KTO: weight of undesirable (label false) examples", bounds="> 0")
+  sync_ref_model: bool = field(
+      False, "TR-DPO: every ref_model_sync_steps updates, reference = a * policy + (1 - a) * reference")
+  ref_model_mixup_alpha: float = field(0.6, "TR-DPO mix a, in [0, 1] (1: hard copy)")
+  ref_model_sync_steps: int = field(512, "TR-DPO: updates between reference syncs (>= 1)")
 
   def __post_init__(self):
     self.loss_settings()  # validates
@@ -95,14 +111,8 @@ class DPOConfig:
 
   def loss_settings(self) -> losses.LossSettings:
     """Validates the fields and returns the hashable settings the pure loss functions take."""
-    if not self.beta > 0:
-      raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
-    if not 0.0 <= self.label_smoothing < 0.5:
-      raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+    check_fields(self)  # the choices and bounds declared with each field
     names = self.loss_types
-    for name in names:
-      if name not in losses.LOSS_TYPES:
-        raise ValueError(f"DPOConfig.loss_type: unknown loss {name!r}; known: {', '.join(losses.LOSS_TYPES)}")
     if len(set(names)) != len(names):
       raise ValueError(f"DPOConfig.loss_type lists a loss twice: {names}")
     if "exo_pair" in names and self.label_smoothing == 0.0:
@@ -119,14 +129,6 @@ class DPOConfig:
     if len(weights) != len(names):
       raise ValueError(
           f"DPOConfig.loss_weights has {len(weights)} values for {len(names)} losses {names}")
-    if self.logp_reduction not in ("sum", "mean"):
-      raise ValueError(f"DPOConfig.logp_reduction must be 'sum' or 'mean', got {self.logp_reduction!r}")
-    if self.rpo_alpha is not None and self.rpo_alpha < 0:
-      raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
-    if not self.discopop_tau > 0:
-      raise ValueError(f"DPOConfig.discopop_tau must be > 0, got {self.discopop_tau}")
-    if self.logits_chunk_size < 1:
-      raise ValueError(f"DPOConfig.logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
     self._check_family(names)
     return losses.LossSettings(
         loss_types=names,
@@ -151,9 +153,6 @@ class DPOConfig:
   def _check_family(self, names: tuple[str, ...]) -> None:
     """The options of TR-DPO, WPO, LD-DPO, f-DPO, ORPO, CPO/AlphaPO and KTO, and their bad combinations."""
     listed = ",".join(names)
-    if self.f_divergence_type not in losses.F_DIVERGENCE_TYPES:
-      raise ValueError(f"DPOConfig.f_divergence_type must be one of {', '.join(losses.F_DIVERGENCE_TYPES)}, "
-                       f"got {self.f_divergence_type!r}")
     if self.f_divergence_type != "reverse_kl" and not set(names) <= losses.F_DIVERGENCE_LOSSES:
       raise ValueError(f"DPOConfig.f_divergence_type={self.f_divergence_type!r} works only with the losses "
                        f"{', '.join(sorted(losses.F_DIVERGENCE_LOSSES))} (as TRL), not {listed}")
@@ -163,11 +162,6 @@ class DPOConfig:
     if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
       raise ValueError("DPOConfig.use_weighting (WPO) does not work with 'aot'/'aot_unpaired': they sort the "
                        "pairs, which would misalign the per-pair weights (as TRL)")
-    if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-      raise ValueError(f"DPOConfig.ld_alpha must be in [0, 1], got {self.ld_alpha}")
-    for key in ("desirable_weight", "undesirable_weight"):
-      if not getattr(self, key) > 0:
-        raise ValueError(f"DPOConfig.{key} must be > 0, got {getattr(self, key)}")
     own_family = set(names) & (losses.UNPAIRED_LOSSES | {"orpo"})
     if own_family and len(names) > 1:
       raise ValueError(f"DPOConfig.loss_type: {sorted(own_family)[0]!r} cannot be combined with other losses, got "
@@ -199,8 +193,6 @@ class DPOConfig:
       if not self.reference_free or not set(names) <= cpo_losses | {"sft"}:
         raise ValueError("DPOConfig.cpo_alpha is CPO's NLL weight: it needs reference_free=True and losses among "
                          f"{', '.join(sorted(cpo_losses))}, got reference_free={self.reference_free}, {listed}")
-      if self.cpo_alpha < 0:
-        raise ValueError(f"DPOConfig.cpo_alpha must be >= 0, got {self.cpo_alpha}")
       if self.rpo_alpha is not None:
         raise ValueError("DPOConfig.cpo_alpha and DPOConfig.rpo_alpha are the same NLL term; set one")
     if self.alpha != 0.0:

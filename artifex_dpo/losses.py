@@ -48,6 +48,7 @@ UNPAIRED_LOSSES = frozenset({"kto", "apo_zero_unpaired"})
 # term of the f-DPO reparameterisation cancels only in the chosen-minus-rejected score difference).
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+LOGP_REDUCTIONS = ("sum", "mean")  # the values of DPOConfig.logp_reduction / reduce_logps
 # Losses whose per-pair values depend on the other pairs of the batch (AOT sorts over it): a
 # microbatch cannot compute its share of the whole batch's loss, so gradient accumulation is refused.
 BATCH_COUPLED_LOSSES = frozenset({"aot", "aot_unpaired"})

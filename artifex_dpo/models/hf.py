@@ -48,6 +48,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+EXPORT_DTYPES = tuple(_NP_DTYPES)  # the dtypes export_hf writes (config key export.dtype)
 _HF_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}
 
 
