@@ -31,10 +31,8 @@ from artifex_dpo import sharding
 from artifex_dpo import signals as signals_lib
 from artifex_dpo import state as state_lib
 from artifex_dpo import storage
-from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, eval_batches, eval_split, load_tokenizer
-from artifex_dpo.data import cache as data_cache
-from artifex_dpo.data.unpaired_loader import UnpairedDataset, UnpairedLoader, unpaired_eval_batches, unpaired_eval_split
-from artifex_dpo.data.synthetic import write_synthetic
+from artifex_dpo.data import DataError, PreferenceDataset, PreferenceLoader, build_datasets, eval_batches, load_tokenizer
+from artifex_dpo.data.unpaired_loader import UnpairedLoader, unpaired_eval_batches
 from artifex_dpo.models import config_from_hf, export_hf, forward_flops_per_token, get_preset
 from artifex_dpo.models import lora as lora_lib
 from artifex_dpo.models.attention import resolve_attention_impl
@@ -64,37 +62,6 @@ def build_tokenizer(c: ml_collections.ConfigDict):
     raise
   except (ValueError, OSError) as e:
     raise config_lib.ConfigError("data.tokenizer", f"{spec}: {e}") from None
-
-
-def build_datasets(c, tokenizer, workdir: str,
-                   id_limit: int | None = None) -> tuple[PreferenceDataset, PreferenceDataset | None]:
-  """The training and eval sets (first pass over the data; every process reads the same).
-
-  ``id_limit``: pre-tokenized ids must lie below it (the model's vocabulary; None: the tokenizer's).
-  """
-  files = c.data.train_files
-  if not files:
-    files = storage.join(workdir, "synthetic", "train.jsonl")
-    if jax.process_index() == 0:  # one writer, then everyone reads (and keys the data cache by) it
-      write_synthetic(files, c.data.synthetic_pairs, c.data.seed)
-    data_cache.barrier("artifex_synthetic", jax.process_count())
-  # Tokenized once into <workdir>/data_cache (split over the processes), then read on demand.
-  kwargs = dict(format=None if c.data.format == "auto" else c.data.format, max_length=c.data.max_length,
-                max_prompt_length=c.data.max_prompt_length, truncation_mode=c.data.truncation_mode,
-                skip_invalid=c.data.skip_invalid, id_limit=id_limit, process_index=jax.process_index(),
-                process_count=jax.process_count())
-  if config_lib.dpo_config(c).unpaired:  # KTO: labelled completions (paired records are unpaired), not cached
-    for key in ("skip_invalid", "id_limit", "process_index", "process_count"):
-      kwargs.pop(key)
-    train = UnpairedDataset.from_files(files, tokenizer, **kwargs)
-    if c.data.eval_files:
-      return train, UnpairedDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
-    return unpaired_eval_split(train, c.data.eval_split, c.data.seed)
-  cache_dir = storage.join(workdir, "data_cache")
-  train = data_cache.load_or_tokenize(files, tokenizer, cache_dir, **kwargs)
-  if c.data.eval_files:
-    return train, data_cache.load_or_tokenize(c.data.eval_files, tokenizer, cache_dir, **kwargs)
-  return eval_split(train, c.data.eval_split, c.data.seed)  # the counters stay with the training part
 
 
 def build_model_config(c, tokenizer=None, platform: str | None = None) -> ModelConfig:

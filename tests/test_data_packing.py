@@ -277,7 +277,7 @@ def test_packed_eval_batches_cover_each_pair_once():
 def test_pack_batches_keeps_the_global_batch_and_splits_rows_over_processes():
   """Per-batch packing: each step holds exactly the padded loader's pairs, laid out in rows."""
   from artifex_dpo.data.formats import TokenizedPair
-  from artifex_dpo.data.pipeline import PreferenceDataset, PreferenceLoader
+  from artifex_dpo.data import PreferenceDataset, PreferenceLoader
 
   rng = np.random.default_rng(0)
   pairs = [TokenizedPair(rng.integers(0, 50, rng.integers(2, 20)), rng.integers(0, 50, rng.integers(1, 20)),

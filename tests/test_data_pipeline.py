@@ -1,4 +1,5 @@
-"""Tests of artifex_dpo.data.pipeline: the dataset, global order, batches, loader."""
+"""Tests of the preference data path: the dataset (data.dataset), global order and eval split
+(data.order), batches (data.batches), the loader (data.loader) and build_datasets (data.train_eval_sets)."""
 
 from __future__ import annotations
 
@@ -265,25 +266,29 @@ def test_standard_workload_end_to_end(tmp_path, monkeypatch):
 
 
 def test_build_datasets_from_config(tmp_path, tok):
-  ml_collections = pytest.importorskip("ml_collections")
+  """The one build_datasets (train's): files, eval files or a held-out split, else the synthetic set."""
+  from artifex_dpo import config as config_lib
+
   util.write_jsonl(tmp_path / "train.jsonl", util.explicit_records(20) + ["{bad"])
   util.write_jsonl(tmp_path / "eval.jsonl", util.explicit_records(3, seed=1))
-  config = ml_collections.ConfigDict({
-      "train_files": str(tmp_path / "train.jsonl"), "eval_files": "", "format": "",
-      "max_length": 64, "max_prompt_length": None, "truncation_mode": "keep_end",
-      "skip_invalid": True, "eval_split": 0.1, "seed": 0})
-  train, held = util_build(config, tok)
+  config = config_lib.default_config()
+  config.data.update(train_files=str(tmp_path / "train.jsonl"), max_length=64, max_prompt_length=32,
+                     skip_invalid=True, eval_split=0.1, seed=0)
+  train, held = util_build(config, tok, tmp_path / "run1")
   assert (len(train), len(held), train.num_skipped_invalid) == (18, 2, 1)
-  config.eval_files = str(tmp_path / "eval.jsonl")
-  train, held = util_build(config, tok)
+  config.data.eval_files = str(tmp_path / "eval.jsonl")
+  train, held = util_build(config, tok, tmp_path / "run1")
   assert (len(train), len(held)) == (20, 3)
-  train, held = util_build({"train_files": str(tmp_path / "eval.jsonl")}, tok)
+  config.data.update(train_files=str(tmp_path / "eval.jsonl"), eval_files=None, eval_split=0.0)
+  train, held = util_build(config, tok, tmp_path / "run1")
   assert (len(train), held) == (3, None)
-  with pytest.raises(DataError, match="^data.train_files: not set"):
-    util_build({}, tok)
+  config.data.update(train_files=None, synthetic_pairs=40, eval_split=0.1)  # the synthetic fallback
+  train, held = util_build(config, tok, tmp_path / "run2")
+  assert (len(train), len(held)) == (36, 4)
+  assert (tmp_path / "run2" / "synthetic" / "train.jsonl").read_text().count("\n") == 40
 
 
-def util_build(config, tok):
+def util_build(config, tok, workdir):
   from artifex_dpo.data import build_datasets
 
-  return build_datasets(config, tok)
+  return build_datasets(config, tok, str(workdir))

@@ -269,7 +269,7 @@ def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, f
   Raises:
     DataError: as ``PreferenceDataset.from_files`` (the earliest bad record in file order).
   """
-  from artifex_dpo.data.pipeline import PreferenceDataset
+  from artifex_dpo.data.dataset import PreferenceDataset
 
   settings = TruncationSettings(max_length, max_prompt_length, truncation_mode)
   paths = expand_files(files)

@@ -43,7 +43,7 @@ import numpy as np
 from artifex_dpo.data.errors import DataError
 
 if TYPE_CHECKING:
-  from artifex_dpo.data.pipeline import PreferenceDataset
+  from artifex_dpo.data.dataset import PreferenceDataset
 
 TOKENS_PER_PAIR_SLOT = 32
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from artifex_dpo.data.errors import DataError
 from artifex_dpo.data.formats import TruncationSettings
-from artifex_dpo.data.pipeline import global_batch_indices, pad_length, process_slice
+from artifex_dpo.data.order import global_batch_indices, process_slice
 from artifex_dpo.data.tokenizer import Tokenizer
 from artifex_dpo.data.unpaired import UnpairedExample, make_unpaired_batch, read_unpaired_files
 
