@@ -155,10 +155,14 @@ class CheckpointReader:
 
   Args:
     path: folder holding ``model.safetensors`` or ``model.safetensors.index.json``.
+    ranged: read by byte range (:class:`RangedSafetensors`); default: on a bucket only.
+    merge_gap: for ranged reads, see :func:`byte_runs`.
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, *, ranged: bool | None = None, merge_gap: int = MERGE_GAP):
     self.path = storage.local_or_uri(path)
+    self._ranged = storage.is_remote(self.path) if ranged is None else ranged
+    self._merge_gap = merge_gap
     index = storage.join(self.path, INDEX_FILE)
     single = storage.join(self.path, SINGLE_FILE)
     if storage.isfile(index):
@@ -177,10 +181,9 @@ class CheckpointReader:
         raise ValueError(f"{self.source}: tensor {name!r} points outside the model folder ({fname!r})")
     self._handles: dict[str, Any] = {}
 
-  @staticmethod
-  def _open(path: str):
-    if storage.is_remote(path):
-      return RangedSafetensors(path)
+  def _open(self, path: str):
+    if self._ranged:
+      return RangedSafetensors(path, self._merge_gap)
     return safe_open(path, framework="numpy")
 
   def file_of(self, name: str) -> str:
