@@ -157,7 +157,7 @@ def plan_export(tensors: list[ExportTensor], num_processes: int, max_shard_bytes
   load = [0] * num_processes
   mine: list[list[int]] = [[] for _ in range(num_processes)]
   for i, t in enumerate(tensors):
-    candidates = sorted(t.holders) or range(num_processes)
+    candidates = sorted(p for p in t.holders if p < num_processes) or range(num_processes)
     writer = min(candidates, key=lambda p: (load[p], p))
     load[writer] += t.nbytes
     mine[writer].append(i)
