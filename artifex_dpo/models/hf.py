@@ -42,5 +42,5 @@ __all__ = [
     "EXPORT_INFO_FILE", "HF_ARCHITECTURES", "INDEX_FILE", "LAYOUTS", "SINGLE_FILE", "TOKENIZER_FILES",
     "CheckpointReader", "Layout", "RangedSafetensors", "TensorSpec", "clean_stale_exports", "config_from_hf",
     "config_to_hf", "export_hf", "load_hf_checkpoint", "load_hf_params", "make_block_reader", "param_specs",
-    "plan_export", "plan_shards", "replace_dir", "_replace_dir", "_to_host",
+    "plan_export", "plan_shards", "replace_dir",
 ]

@@ -10,7 +10,8 @@ request counts multiply by the host count). A slice of rows is one run. A slice 
 sharded along its last axis, e.g. ``q_proj`` under FSDP) is one run per row; runs separated by less
 than ``merge_gap`` bytes (default :data:`MERGE_GAP`, 4 MiB) are read as one run, the columns in
 between included: a GET costs a first-byte latency of some 30-50 ms on GCS, worth about 4 MiB at
-~100 MB/s per stream, so a gap smaller than that is cheaper to read than to skip. Consequence for
+~100 MB/s per stream (GCS's typical figures, not measured here: the tests reach only a local emulator),
+so a gap smaller than that is cheaper to read than to skip. Consequence for
 real models: HF rows are at most a few hundred KiB (Llama-3-70B ``down_proj``: 28672 bf16 = 56 KiB),
 so their column slices read whole rows — one GET per slice, at most ``1 / column fraction`` times the
 slice's bytes — while a checkpoint with rows wider than the gap reads only the slice's bytes in
