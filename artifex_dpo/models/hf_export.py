@@ -179,6 +179,10 @@ def _round_robin(files: list[ExportFile], num_processes: int) -> list[ExportFile
   return [q[r] for r in range(max(map(len, per), default=0)) for q in per if r < len(q)]
 
 
+# One compile per shard shape (``data[k]`` with a Python int would compile once per layer).
+_take_layer = jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False))
+
+
 def assemble_local(arr: Any, layer: int | None) -> np.ndarray:
   """``arr`` (or ``arr[layer]``) on the host from this process' addressable shards alone."""
   if not isinstance(arr, jax.Array):
@@ -192,7 +196,7 @@ def assemble_local(arr: Any, layer: int | None) -> np.ndarray:
     if layer is not None:
       if not idx[0].start <= layer < idx[0].stop:
         continue
-      data, idx = data[layer - idx[0].start], idx[1:]
+      data, idx = _take_layer(data, np.int32(layer - idx[0].start)), idx[1:]
     key = tuple((s.start, s.stop) for s in idx)
     if key in seen:
       continue  # a replica of a block already copied
