@@ -315,8 +315,8 @@ def _sync(name: str) -> None:
 
 
 def _file_arrays(f: ExportFile, tensors: list[ExportTensor], params: dict, np_dtype: np.dtype,
-                 me: int, stats: dict[str, int]) -> Iterator[np.ndarray | None]:
-  """The arrays of file ``f`` in the HF layout and ``np_dtype`` (None where this process is not the
+                 me: int, stats: dict[str, int]) -> Iterator[np.ndarray]:
+  """The arrays of file ``f`` in the HF layout and ``np_dtype`` (nothing where this process is not the
   writer). Every process must run it to the end: a tensor the writer does not hold is a collective."""
   keep = f.writer == me
   for i in f.tensors:
