@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from artifex_dpo.models import LlamaModel, config_from_hf, export_hf, hf, load_hf_checkpoint, load_hf_params  # noqa: E402
+from artifex_dpo.models import hf_export  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, T = 98, 12
@@ -247,13 +248,15 @@ def test_tokenizer_files_and_atomic_write(hf_models, tmp_path, monkeypatch):
 
   calls = []
 
-  def failing_save(tensors, filename, metadata=None):
-    calls.append(filename)
+  original = hf_export.write_safetensors
+
+  def failing_save(path, entries, arrays):
+    calls.append(path)
     if len(calls) == 2:
       raise OSError("disk full")
-    save_file(tensors, filename, metadata=metadata)
+    original(path, entries, arrays)
 
-  monkeypatch.setattr(hf, "save_file", failing_save)
+  monkeypatch.setattr(hf_export, "write_safetensors", failing_save)
   fresh = tmp_path / "fresh"
   with pytest.raises(OSError, match="disk full"):
     export_hf(ours, fresh, max_shard_bytes=20_000)
