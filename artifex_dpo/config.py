@@ -307,7 +307,7 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
       raise ConfigError("dpo.precompute_ref_logps", "cannot be used with KTO here: its KL rows pair each prompt with "
                                                     "another completion of the same batch, so they change with the "
                                                     "batch order and cannot be scored once per example")
-    for key in ("data.packing", "data.pack_batches", "data.skip_invalid"):
+    for key in ("data.packing", "data.pack_batches"):
       if _get(c, key):
         raise ConfigError(key, f"is not supported with the unpaired loss {c.dpo.loss_type!r} (KTO) yet")
     if "kto" in dpo_cfg.loss_types and c.train.global_batch_size // c.train.grad_accum_steps < 2:

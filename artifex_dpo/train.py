@@ -84,7 +84,7 @@ def build_datasets(c, tokenizer, workdir: str,
                 skip_invalid=c.data.skip_invalid, id_limit=id_limit, process_index=jax.process_index(),
                 process_count=jax.process_count())
   if config_lib.dpo_config(c).unpaired:  # KTO: labelled completions (paired records are unpaired), not cached
-    for key in ("skip_invalid", "id_limit", "process_index", "process_count"):
+    for key in ("process_index", "process_count"):  # every process reads every record (see unpaired_loader)
       kwargs.pop(key)
     train = UnpairedDataset.from_files(files, tokenizer, **kwargs)
     if c.data.eval_files:
@@ -245,7 +245,8 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   logging.info("truncation: %d prompts (%.1f%% of pairs) cut to data.max_prompt_length=%d, %d responses "
                "(%.1f%% of responses) cut to fit data.max_length=%d (a cut response has no EOS)",
                train_ds.num_truncated_prompts, 100 * train_ds.num_truncated_prompts / n, c.data.max_prompt_length,
-               train_ds.num_truncated_responses, 100 * train_ds.num_truncated_responses / (2 * n),
+               train_ds.num_truncated_responses,
+               100 * train_ds.num_truncated_responses / (getattr(train_ds, "RESPONSES_PER_EXAMPLE", 2) * n),
                c.data.max_length)
   counters = {"data/skipped_invalid": train_ds.num_skipped_invalid,
               "data/dropped_truncated": train_ds.num_dropped_truncated,

@@ -18,28 +18,65 @@ from artifex_dpo.data.errors import DataError
 from artifex_dpo.data.formats import TruncationSettings
 from artifex_dpo.data.pipeline import global_batch_indices, pad_length, process_slice
 from artifex_dpo.data.tokenizer import Tokenizer
-from artifex_dpo.data.unpaired import UnpairedExample, make_unpaired_batch, read_unpaired_files
+from artifex_dpo.data.unpaired import UnpairedCounts, UnpairedExample, make_unpaired_batch, read_unpaired_files
 
 
 class UnpairedDataset:
-  """Labelled completions (``UnpairedExample``) with the counters of the first pass."""
+  """Labelled completions (``UnpairedExample``) with the counters of the first pass.
+
+  The counters have the paired dataset's names (the service logs them under the same keys):
+  ``num_skipped_invalid`` (records), ``num_dropped_truncated`` (examples whose completion
+  truncation left empty), ``num_truncated_prompts`` (kept examples with a cut prompt) and
+  ``num_truncated_responses`` (kept examples with a cut completion: one response per example,
+  ``RESPONSES_PER_EXAMPLE``); ``num_identical_pairs`` stays 0 (a paired record whose chosen and
+  rejected are the same gives two examples with opposite labels, as TRL's unpairing does).
+  """
+
+  RESPONSES_PER_EXAMPLE = 1  # a paired dataset scores 2 per pair (chosen and rejected)
 
   def __init__(self, examples: Sequence[UnpairedExample], pad_id: int, *, num_skipped_invalid: int = 0,
-               num_dropped_truncated: int = 0):
+               num_dropped_truncated: int = 0, num_truncated_prompts: int = 0, num_truncated_responses: int = 0,
+               skipped_messages: Sequence[str] = ()):
     self.examples = list(examples)
     self.pad_id = pad_id
     self.num_skipped_invalid = num_skipped_invalid
     self.num_dropped_truncated = num_dropped_truncated
-    # The paired data counters the service logs (not counted for unpaired examples yet).
-    self.num_identical_pairs = self.num_truncated_prompts = self.num_truncated_responses = 0
+    self.num_truncated_prompts = num_truncated_prompts
+    self.num_truncated_responses = num_truncated_responses
+    self.skipped_messages = list(skipped_messages)
+    self.num_identical_pairs = 0
     self.lengths = np.asarray([len(e.prompt_ids) + len(e.completion_ids) for e in self.examples], np.int64)
+
+  COUNTERS = ("num_skipped_invalid", "num_dropped_truncated", "num_truncated_prompts", "num_truncated_responses",
+              "skipped_messages")
 
   @classmethod
   def from_files(cls, files, tokenizer: Tokenizer, *, format: str | None = None, max_length: int | None = None,
-                 max_prompt_length: int | None = None, truncation_mode: str = "keep_end") -> "UnpairedDataset":
+                 max_prompt_length: int | None = None, truncation_mode: str = "keep_end", skip_invalid: bool = False,
+                 id_limit: int | None = None) -> "UnpairedDataset":
+    """First pass over KTO data: every record read, validated, tokenized, truncated and counted.
+
+    Args:
+      files: Globs (``data.train_files``).
+      tokenizer: The tokenizer.
+      format: ``data.format`` override (None: from each file's extension).
+      max_length: ``data.max_length``.
+      max_prompt_length: ``data.max_prompt_length``.
+      truncation_mode: ``data.truncation_mode``.
+      skip_invalid: ``data.skip_invalid``: skip and count bad records instead of failing.
+      id_limit: Pre-tokenized ids must lie in ``[0, id_limit)`` (the model's vocabulary); None: the
+        tokenizer's.
+
+    Raises:
+      DataError: A bad record (unless skipped), a file-level problem, or no usable example.
+    """
     settings = TruncationSettings(max_length, max_prompt_length, truncation_mode)
-    examples, dropped = read_unpaired_files(files, tokenizer, settings, format)
-    return cls(examples, tokenizer.pad_id, num_dropped_truncated=dropped)
+    counts = UnpairedCounts()
+    examples, dropped = read_unpaired_files(files, tokenizer, settings, format, skip_invalid=skip_invalid,
+                                            id_limit=id_limit, counts=counts)
+    return cls(examples, tokenizer.pad_id, num_skipped_invalid=counts.invalid, num_dropped_truncated=dropped,
+               num_truncated_prompts=counts.truncated_prompts, num_truncated_responses=counts.truncated_completions,
+               skipped_messages=counts.skipped_messages)
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -68,7 +105,8 @@ def unpaired_eval_split(dataset: UnpairedDataset, fraction: float,
   held = np.zeros(n, bool)
   held[perm[:n_eval]] = True
   train, evaluation = dataset.subset(np.flatnonzero(~held)), dataset.subset(np.flatnonzero(held))
-  train.num_skipped_invalid, train.num_dropped_truncated = dataset.num_skipped_invalid, dataset.num_dropped_truncated
+  for name in UnpairedDataset.COUNTERS:  # the counters stay with the training part (the paired rule)
+    setattr(train, name, getattr(dataset, name))
   return train, evaluation
 
 
