@@ -251,6 +251,53 @@ def make_unpaired_batch(examples: Sequence[UnpairedExample], *, pad_id: int, wit
   return out
 
 
+def make_packed_unpaired_batch(examples: Sequence[UnpairedExample], *, pad_id: int, row_length: int,
+                               max_pairs_per_row: int, max_length: int | None = None, share_prompt: bool = False,
+                               row_multiple: int = 1) -> dict[str, Any]:
+  """KTO examples with their KL rows laid out padding-free (``data.pack_batches``) for ``PackedUnpairedBatch``.
+
+  Example i and its KL row share prompt i, so they are packed as one pair of the paired packed layout
+  (:mod:`artifex_dpo.data.packing`): chosen = completion i, rejected = the KL completion (example i-1's,
+  the first takes the last, as :func:`make_unpaired_batch`), cut like the padded KL row to ``max_length``.
+  With ``share_prompt`` the prompt runs once for both. The scores equal the padded batch's.
+
+  Args:
+    examples: The whole (global) batch, in order: the KL rows rotate over all of it.
+    pad_id: Padding id.
+    row_length: Tokens per row (``data.pack_length``; every example with its KL row must fit).
+    max_pairs_per_row: Slots per row (``data.max_pairs_per_row``).
+    max_length: ``data.max_length``: the cut of the KL rows (None: none).
+    share_prompt: The shared-prompt layout.
+    row_multiple: The row count is rounded up to a multiple of this with empty rows (devices x processes).
+
+  Returns:
+    ``tokens``, ``segment_ids``, ``response_mask`` ``[R, L]`` (and ``positions``, ``prefix_ids`` when sharing),
+    ``pair_mask``, ``labels``, ``pair_indices`` (the example's position in ``examples``, -1: empty) ``[R, K]``,
+    ``num_tokens``: the tokens of the padded layout's completion and KL rows (a shared prompt counted twice).
+  """
+  from artifex_dpo.data import PreferenceDataset
+  from artifex_dpo.data.packing import make_packed_batch, packed_lengths, plan_packing
+
+  if len(examples) < 2:
+    raise ValueError("KTO needs at least 2 examples per batch: with one, the KL pair is the example itself")
+  pairs = []
+  for i, e in enumerate(examples):
+    kl = np.asarray(examples[i - 1].completion_ids, np.int32)
+    if max_length is not None:  # the padded KL row is prompt + completion cut to max_length
+      kl = kl[:max(max_length - len(e.prompt_ids), 0)]
+    pairs.append(TokenizedPair(np.asarray(e.prompt_ids, np.int32), np.asarray(e.completion_ids, np.int32), kl))
+  dataset = PreferenceDataset.from_pairs(pairs, pad_id)
+  plan = plan_packing(packed_lengths(dataset.offsets, share_prompt), row_length, max_pairs_per_row)
+  rows = -(-plan.num_rows // max(1, row_multiple)) * max(1, row_multiple)
+  row_ids = np.where(np.arange(rows) < plan.num_rows, np.arange(rows), -1)
+  out = make_packed_batch(dataset, plan, row_ids, row_length, max_pairs_per_row, share_prompt=share_prompt)
+  labels = np.asarray([e.label for e in examples], np.int32)
+  idx = out["pair_indices"]
+  out["labels"] = np.where(idx >= 0, labels[np.maximum(idx, 0)], 0).astype(np.int32)
+  out["num_tokens"] = int(dataset.lengths.sum())
+  return out
+
+
 def read_unpaired_files(files: str | Sequence[str], tokenizer: Tokenizer, settings: TruncationSettings | None = None,
                         format: str | None = None, *, skip_invalid: bool = False, id_limit: int | None = None,
                         counts: UnpairedCounts | None = None) -> tuple[list[UnpairedExample], int]:
