@@ -186,7 +186,10 @@ class Setup:
       return UnpairedLoader(self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
-                            with_kl="kto" in self.dpo_config.loss_types, start_step=start_step, num_steps=num_steps)
+                            with_kl="kto" in self.dpo_config.loss_types, start_step=start_step, num_steps=num_steps,
+                            pack_batches=c.data.pack_batches, row_length=c.data.pack_length or None,
+                            max_pairs_per_row=c.data.max_pairs_per_row or None, share_prompt=c.data.share_prompt,
+                            row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()))
     return PreferenceLoader(
         self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,

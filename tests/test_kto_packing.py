@@ -72,3 +72,63 @@ def test_packed_kto_equals_padded_kto(share_prompt):
   for key in wm:
     np.testing.assert_allclose(float(gm[key]), float(wm[key]), rtol=2e-5, atol=2e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), gg, wg)
+
+
+def test_packed_loader_rows_do_not_depend_on_the_process_count():
+  from artifex_dpo.data.unpaired_loader import UnpairedDataset, UnpairedLoader
+
+  ds = UnpairedDataset(_examples(10, 2), TOK.pad_id)
+  kw = dict(seed=1, shuffle=True, pad_multiple=8, max_length=MAX_LEN, with_kl=True, pack_batches=True,
+            row_length=4 * MAX_LEN, max_pairs_per_row=4, share_prompt=True)
+  whole = UnpairedLoader(ds, 8, process_index=0, process_count=1, row_multiple=2, **kw).load(3)
+  parts = [UnpairedLoader(ds, 8, process_index=p, process_count=2, **kw).load(3) for p in (0, 1)]
+  for key in ("tokens", "segment_ids", "response_mask", "positions", "prefix_ids", "pair_mask", "labels",
+              "pair_indices"):
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key], err_msg=key)
+  # Every example of the global batch once, labelled as in the dataset; tokens as the padded layout counts them.
+  padded = UnpairedLoader(ds, 8, process_index=0, process_count=1, seed=1, shuffle=True, pad_multiple=8,
+                          max_length=MAX_LEN, with_kl=True).load(3)
+  got = whole["pair_indices"][whole["pair_mask"] == 1]
+  assert sorted(got) == sorted(padded["pair_indices"])
+  assert list(whole["labels"][whole["pair_mask"] == 1]) == [int(ds.examples[i].label) for i in got]
+  assert whole["global_num_tokens"] == padded["global_num_tokens"]
+  assert whole["global_computed_tokens"] < whole["global_num_tokens"]  # the prompt runs once per example
+  with pytest.raises(ValueError, match="needs loss 'kto'"):
+    UnpairedLoader(ds, 8, process_index=0, process_count=1, **dict(kw, with_kl=False))
+
+
+SERVICE = ["--config.train.eval_every=6", "--config.checkpoint.save_every=0", "--config.export.hf=False",
+           "--config.train.log_every=1", "--config.dpo.loss_type=kto", "--config.train.global_batch_size=8",
+           "--config.train.eval_batch_size=16", "--config.train.steps=6", "--config.data.synthetic_pairs=128",
+           "--config.optim.warmup_steps=0"]
+
+
+def test_service_pack_batches_gives_the_padded_per_step_losses(tmp_path):
+  from test_service import read_rows, run_main
+
+  padded = run_main(tmp_path / "padded", *SERVICE)
+  assert padded.returncode == 0, padded.stderr[-3000:]
+  packed = run_main(tmp_path / "packed", *SERVICE, "--config.data.pack_batches=True",
+                    "--config.data.share_prompt=True")
+  assert packed.returncode == 0, packed.stderr[-3000:]
+  _, one, eval_one = read_rows(tmp_path / "padded")
+  _, two, eval_two = read_rows(tmp_path / "packed")
+  assert sorted(one) == sorted(two) == list(range(1, 7))
+  for step in one:
+    assert two[step]["tokens"] == one[step]["tokens"]  # both sequences of every example, as the padded layout
+    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+      np.testing.assert_allclose(two[step][key], one[step][key], rtol=1e-5, atol=1e-6, err_msg=f"{key}@{step}")
+    for key in ("kl", "rewards/chosen", "rewards/rejected"):  # log-ratios: absolute, in nats
+      np.testing.assert_allclose(two[step][key], one[step][key], rtol=1e-5, atol=5e-5, err_msg=f"{key}@{step}")
+  assert sum(one[s]["kl"] > 0.05 for s in one) >= 2  # the KL point is live (not clamped to 0) in several steps
+  np.testing.assert_allclose(eval_two[-1]["eval/loss"], eval_one[-1]["eval/loss"], rtol=1e-5)
+
+
+def test_service_refuses_whole_dataset_packing_and_packing_without_kl_rows(tmp_path):
+  from test_service import _error_line, run_main
+
+  proc = run_main(tmp_path / "a", *SERVICE, "--config.data.packing=True")
+  assert proc.returncode == 2 and "data.packing" in _error_line(proc) and "KL rows" in _error_line(proc)
+  proc = run_main(tmp_path / "b", *SERVICE, "--config.dpo.loss_type=apo_zero_unpaired",
+                  "--config.data.pack_batches=True")
+  assert proc.returncode == 2 and "data.pack_batches" in _error_line(proc)

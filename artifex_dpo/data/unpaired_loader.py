@@ -16,9 +16,11 @@ import numpy as np
 
 from artifex_dpo.data.errors import DataError
 from artifex_dpo.data.formats import TruncationSettings
+from artifex_dpo.data.packing import default_max_pairs_per_row
 from artifex_dpo.data.pipeline import global_batch_indices, pad_length, process_slice
 from artifex_dpo.data.tokenizer import Tokenizer
-from artifex_dpo.data.unpaired import UnpairedCounts, UnpairedExample, make_unpaired_batch, read_unpaired_files
+from artifex_dpo.data.unpaired import (UnpairedCounts, UnpairedExample, make_packed_unpaired_batch, make_unpaired_batch,
+                                      read_unpaired_files)
 
 
 class UnpairedDataset:
@@ -125,21 +127,53 @@ def _local(dataset: UnpairedDataset, g: np.ndarray, sl: slice, *, with_kl: bool,
 
 
 class UnpairedLoader:
-  """``(step_index, local batch)`` for steps ``start_step, ...``: the KTO twin of ``PreferenceLoader``."""
+  """``(step_index, local batch)`` for steps ``start_step, ...``: the KTO twin of ``PreferenceLoader``.
+
+  ``pack_batches`` (``data.pack_batches``, KTO only): each global batch's examples, each with its KL
+  row, packed padding-free (``make_packed_unpaired_batch``) into a number of rows rounded up to
+  ``row_multiple`` x the process count; every process builds the same rows and keeps its share.
+  """
 
   def __init__(self, dataset: UnpairedDataset, global_batch_size: int, *, seed: int, shuffle: bool,
                process_index: int, process_count: int, pad_multiple: int | None, max_length: int | None,
-               with_kl: bool, start_step: int = 0, num_steps: int | None = None):
+               with_kl: bool, start_step: int = 0, num_steps: int | None = None, pack_batches: bool = False,
+               row_length: int | None = None, max_pairs_per_row: int | None = None, share_prompt: bool = False,
+               row_multiple: int = 1):
     self.dataset, self.global_batch_size, self.seed, self.shuffle = dataset, global_batch_size, seed, shuffle
     self._slice = process_slice(global_batch_size, process_index, process_count)
     self.pad_multiple, self.max_length, self.with_kl = pad_multiple, max_length, with_kl
     self.step, self.end = start_step, None if num_steps is None else num_steps
     self.plan = None
+    if pack_batches and not with_kl:
+      raise ValueError("pack_batches packs each example with its KL row: it needs loss 'kto'")
+    self.pack_batches, self.share_prompt = bool(pack_batches), bool(share_prompt)
+    self.process_index, self.process_count = process_index, process_count
+    longest = int(dataset.lengths.max()) if len(dataset) else 0
+    self.row_length = int(row_length) if row_length else 2 * (max_length or longest)
+    self.max_pairs_per_row = int(max_pairs_per_row) if max_pairs_per_row else default_max_pairs_per_row(
+        self.row_length)
+    self.row_multiple = max(1, int(row_multiple)) * process_count
 
   def load(self, step: int) -> dict[str, Any]:
     g = global_batch_indices(step, self.global_batch_size, len(self.dataset), self.seed, self.shuffle)
+    if self.pack_batches:
+      return self._load_packed(g)
     return _local(self.dataset, g, self._slice, with_kl=self.with_kl, pad_multiple=self.pad_multiple,
                   max_length=self.max_length)
+
+  def _load_packed(self, g: np.ndarray) -> dict[str, Any]:
+    batch = make_packed_unpaired_batch([self.dataset.examples[int(i)] for i in g], pad_id=self.dataset.pad_id,
+                                       row_length=self.row_length, max_pairs_per_row=self.max_pairs_per_row,
+                                       max_length=self.max_length, share_prompt=self.share_prompt,
+                                       row_multiple=self.row_multiple)
+    rows = batch["tokens"].shape[0] // self.process_count
+    sl = slice(self.process_index * rows, (self.process_index + 1) * rows)
+    local = {k: batch[k][sl] for k in ("tokens", "segment_ids", "response_mask", "pair_mask", "labels",
+                                       "positions", "prefix_ids") if k in batch}
+    idx = batch["pair_indices"][sl]
+    local.update(pair_indices=np.where(idx >= 0, g[np.maximum(idx, 0)], -1), global_num_tokens=batch["num_tokens"],
+                 global_computed_tokens=int((batch["segment_ids"] > 0).sum()), global_num_pairs=len(g))
+    return local
 
   def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
     while self.end is None or self.step < self.end:
