@@ -103,14 +103,17 @@ SERVICE = ["--config.train.eval_every=6", "--config.checkpoint.save_every=0", "-
            "--config.optim.warmup_steps=0"]
 
 
-def test_service_pack_batches_gives_the_padded_per_step_losses(tmp_path):
+def test_service_pack_batches_on_two_processes_gives_the_padded_per_step_losses(tmp_path):
+  """1 process, padded rows vs 2 processes (127.0.0.1), packed rows with shared prompts: the same steps (the
+  layouts agree in test_packed_kto_equals_padded_kto, the process counts in test_kto_service.py)."""
+  from processes import start, wait
   from test_service import read_rows, run_main
 
   padded = run_main(tmp_path / "padded", *SERVICE)
   assert padded.returncode == 0, padded.stderr[-3000:]
-  packed = run_main(tmp_path / "packed", *SERVICE, "--config.data.pack_batches=True",
-                    "--config.data.share_prompt=True")
-  assert packed.returncode == 0, packed.stderr[-3000:]
+  for code, err in wait(start(tmp_path / "packed", *SERVICE, "--config.data.pack_batches=True",
+                              "--config.data.share_prompt=True", processes=2)):
+    assert code == 0, err[-3000:]
   _, one, eval_one = read_rows(tmp_path / "padded")
   _, two, eval_two = read_rows(tmp_path / "packed")
   assert sorted(one) == sorted(two) == list(range(1, 7))
