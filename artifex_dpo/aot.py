@@ -42,6 +42,37 @@ def chip_of(topology: str) -> str:
   return name
 
 
+def abstract_unpaired_batch(mesh, global_batch: int, length: int, *, with_kl: bool):
+  """KTO's train batch as ShapeDtypeStructs sharded like the service's (``state.global_batch``).
+
+  Args:
+    mesh: The mesh over the topology's devices.
+    global_batch: ``train.global_batch_size`` (examples).
+    length: The padded row length (``data.max_length``).
+    with_kl: ``kto``: each example's KL row (its prompt + another example's completion) rides along;
+      ``apo_zero_unpaired`` has none.
+
+  Returns:
+    ``(UnpairedBatch, rows)``: the batch (no ``example_mask``: training batches have no filler) and the
+    sequences per example the policy runs (2 with KL rows, else 1).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from artifex_dpo import sharding
+  from artifex_dpo.types import GeneratedSequenceBatch, UnpairedBatch
+
+  def arr(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+  def rows():
+    shape = (global_batch, length)
+    return GeneratedSequenceBatch(sequences=arr(shape), response_mask=arr(shape), segment_ids=arr(shape))
+
+  batch = UnpairedBatch(completions=rows(), labels=arr((global_batch,)), kl=rows() if with_kl else None)
+  return batch, 2 if with_kl else 1
+
+
 def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   """Compiles the configured train step for ``topology`` and returns the report (see module doc)."""
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.replace(":", "-"))
@@ -72,6 +103,10 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
                                     reference_is_base=not c.model.ref_hf_checkpoint)
   length = c.data.max_length
   batch = state_lib.abstract_batch(mesh, c.train.global_batch_size, length)
+  rows = 2  # sequences per batch entry through the policy: chosen + rejected
+  if dpo_cfg.unpaired:  # KTO: labelled completions (+ their KL rows)
+    batch, rows = abstract_unpaired_batch(mesh, c.train.global_batch_size, length,
+                                          with_kl="kto" in dpo_cfg.loss_types)
   step = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
   with_sharding = lambda tree, sh: jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
@@ -90,7 +125,7 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_device = float(cost.get("flops", 0.0))
   bytes_per_device = float(cost.get("bytes accessed", 0.0))
-  tokens = 2 * c.train.global_batch_size * length
+  tokens = rows * c.train.global_batch_size * length
   policy = 2.0 if lora is not None else 3.0  # LoRA: no gradient of the frozen base weights
   model_flops = tokens * forward_flops_per_token(mcfg, length) * (policy + (1.0 if keep_ref else 0.0))
   roofline = max(model_flops / (peak * len(devices)), flops_per_device / peak, bytes_per_device / bandwidth)

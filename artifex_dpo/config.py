@@ -294,9 +294,12 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
       raise ConfigError("dpo.precompute_ref_logps", "cannot be used with KTO here: its KL rows pair each prompt with "
                                                     "another completion of the same batch, so they change with the "
                                                     "batch order and cannot be scored once per example")
-    for key in ("data.packing", "data.pack_batches", "data.skip_invalid"):
-      if _get(c, key):
-        raise ConfigError(key, f"is not supported with the unpaired loss {c.dpo.loss_type!r} (KTO) yet")
+    if c.data.packing:  # rows packed once for the whole dataset cannot hold KL rows that change with the batch
+      raise ConfigError("data.packing", f"is not supported with the unpaired loss {c.dpo.loss_type!r}: its KL rows "
+                                        "change with the batch; use data.pack_batches=True (KTO)")
+    if c.data.pack_batches and "kto" not in dpo_cfg.loss_types:
+      raise ConfigError("data.pack_batches", f"packs each example with its KL row: only with dpo.loss_type=kto, "
+                                             f"not {c.dpo.loss_type!r}")
     if "kto" in dpo_cfg.loss_types and c.train.global_batch_size // c.train.grad_accum_steps < 2:
       raise ConfigError("train.global_batch_size", "KTO needs at least 2 examples per (micro)batch: its KL "
                                                    "reference point pairs each prompt with another completion")

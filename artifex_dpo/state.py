@@ -24,7 +24,8 @@ from artifex_dpo.models import LlamaModel, load_hf_params
 from artifex_dpo.models import lora as lora_lib
 from artifex_dpo.models.config import ModelConfig
 from artifex_dpo.trainer import make_loss_fn, make_train_step, mix_reference
-from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch, UnpairedBatch
+from artifex_dpo.types import (GeneratedSequenceBatch, PackedPreferenceBatch, PackedUnpairedBatch, PreferenceBatch,
+                               UnpairedBatch)
 
 
 @dataclasses.dataclass
@@ -227,6 +228,12 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
     return UnpairedBatch(completions=rows("completion"), labels=arr(local["labels"]),
                          kl=rows("kl") if "kl_tokens" in local else None,
                          example_mask=arr(local["example_mask"]) if with_pair_mask else None)
+  if "tokens" in local and "labels" in local:  # KTO packed (data.pack_batches): example + KL row per slot
+    optional = {k: arr(local[k]) for k in ("positions", "prefix_ids") if k in local}
+    rows = PackedPreferenceBatch(sequences=arr(local["tokens"]), segment_ids=arr(local["segment_ids"]),
+                                 response_mask=arr(local["response_mask"]), pair_mask=arr(local["pair_mask"]),
+                                 **optional)
+    return PackedUnpairedBatch(rows=rows, labels=arr(local["labels"]))
   ref = None if reference_table is None else _lookup(reference_table, np.asarray(local["pair_indices"]))
   if "tokens" in local:
     optional = {k: arr(local[k]) for k in ("positions", "prefix_ids") if k in local}

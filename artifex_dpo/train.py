@@ -153,7 +153,10 @@ class Setup:
       return UnpairedLoader(self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
-                            with_kl="kto" in self.dpo_config.loss_types, start_step=start_step, num_steps=num_steps)
+                            with_kl="kto" in self.dpo_config.loss_types, start_step=start_step, num_steps=num_steps,
+                            pack_batches=c.data.pack_batches, row_length=c.data.pack_length or None,
+                            max_pairs_per_row=c.data.max_pairs_per_row or None, share_prompt=c.data.share_prompt,
+                            row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()))
     return PreferenceLoader(
         self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
@@ -212,7 +215,8 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   logging.info("truncation: %d prompts (%.1f%% of pairs) cut to data.max_prompt_length=%d, %d responses "
                "(%.1f%% of responses) cut to fit data.max_length=%d (a cut response has no EOS)",
                train_ds.num_truncated_prompts, 100 * train_ds.num_truncated_prompts / n, c.data.max_prompt_length,
-               train_ds.num_truncated_responses, 100 * train_ds.num_truncated_responses / (2 * n),
+               train_ds.num_truncated_responses,
+               100 * train_ds.num_truncated_responses / (getattr(train_ds, "RESPONSES_PER_EXAMPLE", 2) * n),
                c.data.max_length)
   counters = {"data/skipped_invalid": train_ds.num_skipped_invalid,
               "data/dropped_truncated": train_ds.num_dropped_truncated,

@@ -19,7 +19,8 @@ from flax import nnx
 
 from artifex_dpo import losses
 from artifex_dpo.dpo_config import DPOConfig
-from artifex_dpo.types import GeneratedSequenceBatch, PackedPreferenceBatch, PreferenceBatch, UnpairedBatch
+from artifex_dpo.types import (GeneratedSequenceBatch, PackedPreferenceBatch, PackedUnpairedBatch, PreferenceBatch,
+                                UnpairedBatch)
 
 Metrics = dict[str, jax.Array]
 # reference_model / ref_graphdef value meaning "the policy's frozen base, adapters off" (LoRA).
@@ -177,6 +178,8 @@ def dpo_loss(
     return _packed_dpo_loss(model, reference_model, batch, settings, chunk_size, normalizers)
   if isinstance(batch, UnpairedBatch):
     return _unpaired_loss(model, reference_model, batch, settings, chunk_size)
+  if isinstance(batch, PackedUnpairedBatch):
+    return _packed_unpaired_loss(model, reference_model, batch, settings, chunk_size)
   both = concat_sides(batch)
   n = batch.chosen.batch_size
   logps, logit_means, *lss = token_log_probs(model, both.sequences, both.segment_ids, both.positions, chunk_size,
@@ -223,6 +226,25 @@ def _unpaired_loss(model, reference_model, batch: UnpairedBatch, settings, chunk
   loss, metrics = losses.unpaired_loss(settings, policy.logp_sum[:n], ref_sums[:n], batch.labels, kl_logps,
                                        None if batch.kl is None else ref_sums[n:], batch.example_mask)
   metrics["tokens"] = jnp.sum(rows.segment_ids > 0).astype(jnp.float32)
+  return loss, metrics
+
+
+def _packed_unpaired_loss(model, reference_model, batch: PackedUnpairedBatch, settings, chunk_size):
+  """KTO on packed rows: each slot's chosen side is its completion, its rejected side its KL row (not
+  differentiated); the same loss and metrics as :func:`_unpaired_loss` on the padded rows."""
+  packed = batch.rows
+  forward = lambda m: token_log_probs(m, packed.sequences, packed.segment_ids, packed.positions, chunk_size,
+                                      packed.prefix_ids)
+  logps, logit_means = forward(model)
+  completion, kl_row = _packed_stats(logps, logit_means, packed)
+  ref_completion, ref_kl = _packed_stats(forward(reference_model)[0], None, packed)
+  ref_completion, ref_kl = jax.tree.map(jax.lax.stop_gradient, (ref_completion, ref_kl))  # never differentiated
+  loss, metrics = losses.unpaired_loss(settings, completion.logp_sum, ref_completion.logp_sum,
+                                       batch.labels.reshape(-1), jax.lax.stop_gradient(kl_row.logp_sum),
+                                       ref_kl.logp_sum, packed.pair_mask.reshape(-1))
+  _, side = packed.slots_and_sides()
+  # Tokens of the completion and KL rows, as the padded layout counts them (a shared prompt twice).
+  metrics["tokens"] = (jnp.sum(side > -2) + jnp.sum(side == -1)).astype(jnp.float32)
   return loss, metrics
 
 
@@ -295,7 +317,7 @@ def batch_normalizers(batch: PreferenceBatch | PackedPreferenceBatch) -> losses.
   microbatch makes the microbatches' losses and metrics add up to the whole batch's.
   """
   f32 = lambda x: jnp.sum(x).astype(jnp.float32)
-  if isinstance(batch, UnpairedBatch):
+  if isinstance(batch, (UnpairedBatch, PackedUnpairedBatch)):
     return None  # KTO: means over the batch itself (accumulation is refused for it)
   if isinstance(batch, PackedPreferenceBatch):
     _, side = batch.slots_and_sides()
@@ -533,10 +555,14 @@ class DPOTrainer:
 
   def _check_batch(self, batch: PreferenceBatch | PackedPreferenceBatch | UnpairedBatch) -> None:
     if self.config.unpaired:
-      if not isinstance(batch, UnpairedBatch):
+      if not isinstance(batch, (UnpairedBatch, PackedUnpairedBatch)):
         raise ValueError(f"loss {','.join(self.config.loss_types)} is unpaired: train_step expects an UnpairedBatch "
                          f"(artifex_dpo.data.unpaired builds one), got {type(batch).__name__}")
-      if "kto" in self.config.loss_types and batch.kl is None:
+      if isinstance(batch, PackedUnpairedBatch):  # packed: every slot carries its KL row
+        if "kto" not in self.config.loss_types:
+          raise ValueError(f"a PackedUnpairedBatch carries KL rows: it needs loss 'kto', not {self.config.loss_types}")
+        batch = batch.rows  # the packed-row checks below
+      elif "kto" in self.config.loss_types and batch.kl is None:
         raise ValueError("loss 'kto' needs the batch's KL rows (UnpairedBatch.kl: mismatched prompt/completion "
                          "pairs, see artifex_dpo.data.unpaired.make_unpaired_batch(with_kl=True))")
     elif not isinstance(batch, (PreferenceBatch, PackedPreferenceBatch)):

@@ -253,3 +253,34 @@ class UnpairedBatch:
     return cls(completions=side("completion"), labels=jnp.asarray(arrays["labels"]),
                kl=side("kl") if "kl_tokens" in arrays else None,
                example_mask=jnp.asarray(arrays["example_mask"]) if "example_mask" in arrays else None)
+
+
+@struct.dataclass
+class PackedUnpairedBatch:
+  """KTO examples packed padding-free (``data.pack_batches``): each example and its KL row as one packed pair.
+
+  Example i's completion row and KL row share its prompt, so they are laid out as the chosen and the
+  rejected sequence of a :class:`PackedPreferenceBatch` pair (optionally with the prompt shared):
+  slot ``(r, j)`` holds one example, its completion on the chosen side and its KL completion on the
+  rejected side.
+
+  Attributes:
+    rows: The packed rows (``pair_mask`` marks the slots holding an example).
+    labels: int32 ``[R, K]``: 1 desirable, 0 undesirable (0 in empty slots).
+  """
+
+  rows: PackedPreferenceBatch
+  labels: jax.Array
+
+  @property
+  def has_reference_log_probs(self) -> bool:
+    return self.rows.has_reference_log_probs
+
+  @classmethod
+  def from_arrays(cls, arrays: dict[str, Any]) -> "PackedUnpairedBatch":
+    """From the numpy arrays of :func:`artifex_dpo.data.unpaired.make_packed_unpaired_batch`."""
+    optional = {k: jnp.asarray(arrays[k]) for k in ("positions", "prefix_ids") if k in arrays}
+    rows = PackedPreferenceBatch(sequences=jnp.asarray(arrays["tokens"]), segment_ids=jnp.asarray(arrays["segment_ids"]),
+                                 response_mask=jnp.asarray(arrays["response_mask"]),
+                                 pair_mask=jnp.asarray(arrays["pair_mask"]), **optional)
+    return cls(rows=rows, labels=jnp.asarray(arrays["labels"]))

@@ -48,7 +48,7 @@ def build_datasets(c, tokenizer, workdir: str,
                 skip_invalid=c.data.skip_invalid, id_limit=id_limit, process_index=jax.process_index(),
                 process_count=jax.process_count())
   if config_lib.dpo_config(c).unpaired:  # KTO: labelled completions (paired records are unpaired), not cached
-    for key in ("skip_invalid", "id_limit", "process_index", "process_count"):
+    for key in ("process_index", "process_count"):  # every process reads every record (see unpaired_loader)
       kwargs.pop(key)
     train = UnpairedDataset.from_files(files, tokenizer, **kwargs)
     if c.data.eval_files:

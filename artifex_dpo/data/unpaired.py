@@ -24,7 +24,8 @@ not on how many processes share the batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,9 @@ from artifex_dpo.data.formats import (TruncationSettings, _ids, _messages, _text
 from artifex_dpo.data.tokenizer import Tokenizer
 
 UNPAIRED_KEYS = ("completion", "completion_ids", "label")
+_MAX_REPORTED = 10  # skip messages kept (and logged) per read, as the paired pipeline keeps them
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -81,8 +85,16 @@ def _render_conversation(record, tokenizer: Tokenizer, path: str, line: int | No
 
 
 def parse_unpaired_record(record: Mapping[str, Any], tokenizer: Tokenizer, path: str = "<record>",
-                          line: int | None = None) -> list[UnpairedExample]:
+                          line: int | None = None, id_limit: int | None = None) -> list[UnpairedExample]:
   """Validates a record and returns its examples (one, or two for a paired record), untruncated.
+
+  Args:
+    record: The record.
+    tokenizer: Needed for tokenization, chat templates and (without ``id_limit``) the vocabulary size.
+    path: File name for error messages.
+    line: Record number for error messages.
+    id_limit: Pre-tokenized ids (``prompt_ids`` / ``completion_ids``, or a paired record's
+      ``*_ids``) must lie in ``[0, id_limit)``: the model's vocabulary in a run; None: the tokenizer's.
 
   Raises:
     DataError: ``path:line: field: what is wrong``.
@@ -90,13 +102,13 @@ def parse_unpaired_record(record: Mapping[str, Any], tokenizer: Tokenizer, path:
   if not isinstance(record, Mapping):
     raise DataError(path, line, f"expected a JSON object, got {type(record).__name__}")
   if not is_unpaired_record(record):
-    parsed = parse_record(record, tokenizer, path, line)
+    parsed = parse_record(record, tokenizer, path, line, id_limit)
     pair = parsed if isinstance(parsed, TokenizedPair) else tokenize_pairs([parsed], tokenizer)[0]
     return [UnpairedExample(pair.prompt_ids, pair.chosen_ids, True),
             UnpairedExample(pair.prompt_ids, pair.rejected_ids, False)]
   label = _label(record, path, line)
   if "completion_ids" in record or "prompt_ids" in record:
-    v = tokenizer.vocab_size
+    v = tokenizer.vocab_size if id_limit is None else id_limit
     return [UnpairedExample(_ids(record, "prompt_ids", v, path, line, allow_empty=True),
                             _ids(record, "completion_ids", v, path, line, allow_empty=False), label)]
   if isinstance(record.get("completion"), list) or isinstance(record.get("prompt"), list):
@@ -121,19 +133,69 @@ def truncate_example(example: UnpairedExample, settings: TruncationSettings,
   return None if pair is None else UnpairedExample(pair.prompt_ids, pair.chosen_ids, example.label)
 
 
-def read_unpaired(records: Sequence[tuple[str, int | None, Mapping[str, Any]]], tokenizer: Tokenizer,
-                  settings: TruncationSettings | None = None) -> tuple[list[UnpairedExample], int]:
-  """``(path, line, record)`` triples -> truncated examples and the number dropped by truncation."""
+@dataclasses.dataclass
+class UnpairedCounts:
+  """What a read of unpaired records skipped, dropped and cut (the paired pipeline's counters).
+
+  Attributes:
+    invalid: Records skipped as invalid (``skip_invalid=True``); a paired record counts once.
+    dropped: Examples dropped because truncation left their completion empty.
+    truncated_prompts: Kept examples whose prompt ``max_prompt_length`` cut.
+    truncated_completions: Kept examples whose completion was cut to fit ``max_length`` (it then
+      has no EOS).
+    skipped_messages: The first few skip messages (``file:line: field: reason``).
+  """
+
+  invalid: int = 0
+  dropped: int = 0
+  truncated_prompts: int = 0
+  truncated_completions: int = 0
+  skipped_messages: list[str] = dataclasses.field(default_factory=list)
+
+
+def read_unpaired(records: Iterable[tuple[str, int | None, Mapping[str, Any] | DataError]], tokenizer: Tokenizer,
+                  settings: TruncationSettings | None = None, *, skip_invalid: bool = False,
+                  id_limit: int | None = None,
+                  counts: UnpairedCounts | None = None) -> tuple[list[UnpairedExample], int]:
+  """``(path, line, record)`` triples -> truncated examples and the number dropped by truncation.
+
+  Args:
+    records: The records with their location; a record may be the ``DataError`` of a line that
+      did not parse (``sources.read_records_lenient``).
+    tokenizer: The tokenizer.
+    settings: Truncation (None: none).
+    skip_invalid: ``data.skip_invalid``: skip and count bad records instead of raising.
+    id_limit: Pre-tokenized ids must lie in ``[0, id_limit)`` (None: the tokenizer's vocabulary).
+    counts: Filled with the counters of this read when given.
+
+  Raises:
+    DataError: The first bad record (``file:line: field: reason``) unless ``skip_invalid``.
+  """
   settings = settings or TruncationSettings()
-  out, dropped = [], 0
+  counts = UnpairedCounts() if counts is None else counts
+  out = []
   for path, line, record in records:
-    for example in parse_unpaired_record(record, tokenizer, path, line):
+    try:
+      if isinstance(record, DataError):
+        raise record
+      examples = parse_unpaired_record(record, tokenizer, path, line, id_limit)
+    except DataError as e:
+      if not skip_invalid:
+        raise
+      counts.invalid += 1
+      if len(counts.skipped_messages) < _MAX_REPORTED:
+        counts.skipped_messages.append(str(e))
+        log.warning("skipping invalid record: %s", e)
+      continue
+    for example in examples:
       kept = truncate_example(example, settings, tokenizer.bos_id)
       if kept is None:
-        dropped += 1
-      else:
-        out.append(kept)
-  return out, dropped
+        counts.dropped += 1
+        continue
+      counts.truncated_prompts += len(kept.prompt_ids) < len(example.prompt_ids)
+      counts.truncated_completions += len(kept.completion_ids) < len(example.completion_ids)
+      out.append(kept)
+  return out, counts.dropped
 
 
 def _pad_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -189,28 +251,87 @@ def make_unpaired_batch(examples: Sequence[UnpairedExample], *, pad_id: int, wit
   return out
 
 
+def make_packed_unpaired_batch(examples: Sequence[UnpairedExample], *, pad_id: int, row_length: int,
+                               max_pairs_per_row: int, max_length: int | None = None, share_prompt: bool = False,
+                               row_multiple: int = 1) -> dict[str, Any]:
+  """KTO examples with their KL rows laid out padding-free (``data.pack_batches``) for ``PackedUnpairedBatch``.
+
+  Example i and its KL row share prompt i, so they are packed as one pair of the paired packed layout
+  (:mod:`artifex_dpo.data.packing`): chosen = completion i, rejected = the KL completion (example i-1's,
+  the first takes the last, as :func:`make_unpaired_batch`), cut like the padded KL row to ``max_length``.
+  With ``share_prompt`` the prompt runs once for both. The scores equal the padded batch's.
+
+  Args:
+    examples: The whole (global) batch, in order: the KL rows rotate over all of it.
+    pad_id: Padding id.
+    row_length: Tokens per row (``data.pack_length``; every example with its KL row must fit).
+    max_pairs_per_row: Slots per row (``data.max_pairs_per_row``).
+    max_length: ``data.max_length``: the cut of the KL rows (None: none).
+    share_prompt: The shared-prompt layout.
+    row_multiple: The row count is rounded up to a multiple of this with empty rows (devices x processes).
+
+  Returns:
+    ``tokens``, ``segment_ids``, ``response_mask`` ``[R, L]`` (and ``positions``, ``prefix_ids`` when sharing),
+    ``pair_mask``, ``labels``, ``pair_indices`` (the example's position in ``examples``, -1: empty) ``[R, K]``,
+    ``num_tokens``: the tokens of the padded layout's completion and KL rows (a shared prompt counted twice).
+  """
+  from artifex_dpo.data.dataset import PreferenceDataset
+  from artifex_dpo.data.packing import make_packed_batch, packed_lengths, plan_packing
+
+  if len(examples) < 2:
+    raise ValueError("KTO needs at least 2 examples per batch: with one, the KL pair is the example itself")
+  pairs = []
+  for i, e in enumerate(examples):
+    kl = np.asarray(examples[i - 1].completion_ids, np.int32)
+    if max_length is not None:  # the padded KL row is prompt + completion cut to max_length
+      kl = kl[:max(max_length - len(e.prompt_ids), 0)]
+    pairs.append(TokenizedPair(np.asarray(e.prompt_ids, np.int32), np.asarray(e.completion_ids, np.int32), kl))
+  dataset = PreferenceDataset.from_pairs(pairs, pad_id)
+  plan = plan_packing(packed_lengths(dataset.offsets, share_prompt), row_length, max_pairs_per_row)
+  rows = -(-plan.num_rows // max(1, row_multiple)) * max(1, row_multiple)
+  row_ids = np.where(np.arange(rows) < plan.num_rows, np.arange(rows), -1)
+  out = make_packed_batch(dataset, plan, row_ids, row_length, max_pairs_per_row, share_prompt=share_prompt)
+  labels = np.asarray([e.label for e in examples], np.int32)
+  idx = out["pair_indices"]
+  out["labels"] = np.where(idx >= 0, labels[np.maximum(idx, 0)], 0).astype(np.int32)
+  out["num_tokens"] = int(dataset.lengths.sum())
+  return out
+
+
 def read_unpaired_files(files: str | Sequence[str], tokenizer: Tokenizer, settings: TruncationSettings | None = None,
-                        format: str | None = None) -> tuple[list[UnpairedExample], int]:
+                        format: str | None = None, *, skip_invalid: bool = False, id_limit: int | None = None,
+                        counts: UnpairedCounts | None = None) -> tuple[list[UnpairedExample], int]:
   """Reads KTO data from files (jsonl / json / parquet / array_record; paired records are unpaired).
+
+  Args:
+    files: Globs (comma-separated string or list).
+    tokenizer: The tokenizer.
+    settings: Truncation (None: none).
+    format: ``data.format`` override (None: from each file's extension).
+    skip_invalid: Skip and count bad records (lines that do not parse included) instead of failing.
+    id_limit: Pre-tokenized ids must lie in ``[0, id_limit)`` (None: the tokenizer's vocabulary).
+    counts: Filled with the counters of the read when given.
 
   Returns:
     The examples in file order and the number dropped by truncation.
 
   Raises:
-    DataError: ``file:line: field: what is wrong`` for the first bad record, or no usable example.
+    DataError: ``file:line: field: what is wrong`` for the first bad record (unless skipped), a
+      problem of a whole file, or no usable example.
   """
   from artifex_dpo.data.sources import expand_files, read_records_lenient
 
   paths = expand_files(files)
+  counts = UnpairedCounts() if counts is None else counts
 
   def records():
     for path in paths:
       for line, record in read_records_lenient(path, format):
-        if isinstance(record, DataError):
-          raise record
         yield path, line, record
 
-  examples, dropped = read_unpaired(records(), tokenizer, settings)
+  examples, dropped = read_unpaired(records(), tokenizer, settings, skip_invalid=skip_invalid, id_limit=id_limit,
+                                    counts=counts)
   if not examples:
-    raise DataError(",".join(paths), None, f"no usable examples ({dropped} dropped by truncation)")
+    raise DataError(",".join(paths), None, f"no usable examples ({counts.invalid} invalid, {dropped} dropped by "
+                                           "truncation)")
   return examples, dropped

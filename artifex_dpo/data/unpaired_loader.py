@@ -16,30 +16,70 @@ import numpy as np
 
 from artifex_dpo.data.errors import DataError
 from artifex_dpo.data.formats import TruncationSettings
+from artifex_dpo.data.batches import pad_length
 from artifex_dpo.data.order import global_batch_indices, process_slice
+from artifex_dpo.data.packing import default_max_pairs_per_row
 from artifex_dpo.data.tokenizer import Tokenizer
-from artifex_dpo.data.unpaired import UnpairedExample, make_unpaired_batch, read_unpaired_files
+from artifex_dpo.data.unpaired import (UnpairedCounts, UnpairedExample, make_packed_unpaired_batch, make_unpaired_batch,
+                                      read_unpaired_files)
 
 
 class UnpairedDataset:
-  """Labelled completions (``UnpairedExample``) with the counters of the first pass."""
+  """Labelled completions (``UnpairedExample``) with the counters of the first pass.
+
+  The counters have the paired dataset's names (the service logs them under the same keys):
+  ``num_skipped_invalid`` (records), ``num_dropped_truncated`` (examples whose completion
+  truncation left empty), ``num_truncated_prompts`` (kept examples with a cut prompt) and
+  ``num_truncated_responses`` (kept examples with a cut completion: one response per example,
+  ``RESPONSES_PER_EXAMPLE``); ``num_identical_pairs`` stays 0 (a paired record whose chosen and
+  rejected are the same gives two examples with opposite labels, as TRL's unpairing does).
+  """
+
+  RESPONSES_PER_EXAMPLE = 1  # a paired dataset scores 2 per pair (chosen and rejected)
 
   def __init__(self, examples: Sequence[UnpairedExample], pad_id: int, *, num_skipped_invalid: int = 0,
-               num_dropped_truncated: int = 0):
+               num_dropped_truncated: int = 0, num_truncated_prompts: int = 0, num_truncated_responses: int = 0,
+               skipped_messages: Sequence[str] = ()):
     self.examples = list(examples)
     self.pad_id = pad_id
     self.num_skipped_invalid = num_skipped_invalid
     self.num_dropped_truncated = num_dropped_truncated
-    # The paired data counters the service logs (not counted for unpaired examples yet).
-    self.num_identical_pairs = self.num_truncated_prompts = self.num_truncated_responses = 0
+    self.num_truncated_prompts = num_truncated_prompts
+    self.num_truncated_responses = num_truncated_responses
+    self.skipped_messages = list(skipped_messages)
+    self.num_identical_pairs = 0
     self.lengths = np.asarray([len(e.prompt_ids) + len(e.completion_ids) for e in self.examples], np.int64)
+
+  COUNTERS = ("num_skipped_invalid", "num_dropped_truncated", "num_truncated_prompts", "num_truncated_responses",
+              "skipped_messages")
 
   @classmethod
   def from_files(cls, files, tokenizer: Tokenizer, *, format: str | None = None, max_length: int | None = None,
-                 max_prompt_length: int | None = None, truncation_mode: str = "keep_end") -> "UnpairedDataset":
+                 max_prompt_length: int | None = None, truncation_mode: str = "keep_end", skip_invalid: bool = False,
+                 id_limit: int | None = None) -> "UnpairedDataset":
+    """First pass over KTO data: every record read, validated, tokenized, truncated and counted.
+
+    Args:
+      files: Globs (``data.train_files``).
+      tokenizer: The tokenizer.
+      format: ``data.format`` override (None: from each file's extension).
+      max_length: ``data.max_length``.
+      max_prompt_length: ``data.max_prompt_length``.
+      truncation_mode: ``data.truncation_mode``.
+      skip_invalid: ``data.skip_invalid``: skip and count bad records instead of failing.
+      id_limit: Pre-tokenized ids must lie in ``[0, id_limit)`` (the model's vocabulary); None: the
+        tokenizer's.
+
+    Raises:
+      DataError: A bad record (unless skipped), a file-level problem, or no usable example.
+    """
     settings = TruncationSettings(max_length, max_prompt_length, truncation_mode)
-    examples, dropped = read_unpaired_files(files, tokenizer, settings, format)
-    return cls(examples, tokenizer.pad_id, num_dropped_truncated=dropped)
+    counts = UnpairedCounts()
+    examples, dropped = read_unpaired_files(files, tokenizer, settings, format, skip_invalid=skip_invalid,
+                                            id_limit=id_limit, counts=counts)
+    return cls(examples, tokenizer.pad_id, num_skipped_invalid=counts.invalid, num_dropped_truncated=dropped,
+               num_truncated_prompts=counts.truncated_prompts, num_truncated_responses=counts.truncated_completions,
+               skipped_messages=counts.skipped_messages)
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -57,7 +97,7 @@ class UnpairedDataset:
 
 def unpaired_eval_split(dataset: UnpairedDataset, fraction: float,
                         seed: int = 0) -> tuple[UnpairedDataset, UnpairedDataset | None]:
-  """Holds out a fraction of the examples (the rule of ``pipeline.eval_split``)."""
+  """Holds out a fraction of the examples (the rule of ``order.eval_split``)."""
   if fraction == 0.0:
     return dataset, None
   n = len(dataset)
@@ -68,7 +108,8 @@ def unpaired_eval_split(dataset: UnpairedDataset, fraction: float,
   held = np.zeros(n, bool)
   held[perm[:n_eval]] = True
   train, evaluation = dataset.subset(np.flatnonzero(~held)), dataset.subset(np.flatnonzero(held))
-  train.num_skipped_invalid, train.num_dropped_truncated = dataset.num_skipped_invalid, dataset.num_dropped_truncated
+  for name in UnpairedDataset.COUNTERS:  # the counters stay with the training part (the paired rule)
+    setattr(train, name, getattr(dataset, name))
   return train, evaluation
 
 
@@ -87,21 +128,53 @@ def _local(dataset: UnpairedDataset, g: np.ndarray, sl: slice, *, with_kl: bool,
 
 
 class UnpairedLoader:
-  """``(step_index, local batch)`` for steps ``start_step, ...``: the KTO twin of ``PreferenceLoader``."""
+  """``(step_index, local batch)`` for steps ``start_step, ...``: the KTO twin of ``PreferenceLoader``.
+
+  ``pack_batches`` (``data.pack_batches``, KTO only): each global batch's examples, each with its KL
+  row, packed padding-free (``make_packed_unpaired_batch``) into a number of rows rounded up to
+  ``row_multiple`` x the process count; every process builds the same rows and keeps its share.
+  """
 
   def __init__(self, dataset: UnpairedDataset, global_batch_size: int, *, seed: int, shuffle: bool,
                process_index: int, process_count: int, pad_multiple: int | None, max_length: int | None,
-               with_kl: bool, start_step: int = 0, num_steps: int | None = None):
+               with_kl: bool, start_step: int = 0, num_steps: int | None = None, pack_batches: bool = False,
+               row_length: int | None = None, max_pairs_per_row: int | None = None, share_prompt: bool = False,
+               row_multiple: int = 1):
     self.dataset, self.global_batch_size, self.seed, self.shuffle = dataset, global_batch_size, seed, shuffle
     self._slice = process_slice(global_batch_size, process_index, process_count)
     self.pad_multiple, self.max_length, self.with_kl = pad_multiple, max_length, with_kl
     self.step, self.end = start_step, None if num_steps is None else num_steps
     self.plan = None
+    if pack_batches and not with_kl:
+      raise ValueError("pack_batches packs each example with its KL row: it needs loss 'kto'")
+    self.pack_batches, self.share_prompt = bool(pack_batches), bool(share_prompt)
+    self.process_index, self.process_count = process_index, process_count
+    longest = int(dataset.lengths.max()) if len(dataset) else 0
+    self.row_length = int(row_length) if row_length else 2 * (max_length or longest)
+    self.max_pairs_per_row = int(max_pairs_per_row) if max_pairs_per_row else default_max_pairs_per_row(
+        self.row_length)
+    self.row_multiple = max(1, int(row_multiple)) * process_count
 
   def load(self, step: int) -> dict[str, Any]:
     g = global_batch_indices(step, self.global_batch_size, len(self.dataset), self.seed, self.shuffle)
+    if self.pack_batches:
+      return self._load_packed(g)
     return _local(self.dataset, g, self._slice, with_kl=self.with_kl, pad_multiple=self.pad_multiple,
                   max_length=self.max_length)
+
+  def _load_packed(self, g: np.ndarray) -> dict[str, Any]:
+    batch = make_packed_unpaired_batch([self.dataset.examples[int(i)] for i in g], pad_id=self.dataset.pad_id,
+                                       row_length=self.row_length, max_pairs_per_row=self.max_pairs_per_row,
+                                       max_length=self.max_length, share_prompt=self.share_prompt,
+                                       row_multiple=self.row_multiple)
+    rows = batch["tokens"].shape[0] // self.process_count
+    sl = slice(self.process_index * rows, (self.process_index + 1) * rows)
+    local = {k: batch[k][sl] for k in ("tokens", "segment_ids", "response_mask", "pair_mask", "labels",
+                                       "positions", "prefix_ids") if k in batch}
+    idx = batch["pair_indices"][sl]
+    local.update(pair_indices=np.where(idx >= 0, g[np.maximum(idx, 0)], -1), global_num_tokens=batch["num_tokens"],
+                 global_computed_tokens=int((batch["segment_ids"] > 0).sum()), global_num_pairs=len(g))
+    return local
 
   def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
     while self.end is None or self.step < self.end:
