@@ -83,7 +83,7 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   from artifex_dpo import sharding
   from artifex_dpo import state as state_lib
   from artifex_dpo.models import forward_flops_per_token
-  from artifex_dpo.train import build_model_config, build_optimizer
+  from artifex_dpo.setup import build_model_config, build_optimizer
 
   chip = tpu_chips.CHIPS[chip_of(topology)]
   hbm, peak, bandwidth = chip.hbm_bytes, chip.peak_flops, chip.hbm_bandwidth

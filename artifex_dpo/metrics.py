@@ -24,6 +24,13 @@ from absl import logging
 
 from artifex_dpo import storage, tpu_chips
 
+# The seed trainer's names of metrics that also have TRL's names (``dpo_loss`` = ``loss``,
+# ``reward_accuracy`` = ``rewards/accuracies``, ``margin`` = ``rewards/margins``, the log-ratios =
+# ``rewards/*`` / beta). The library's DPOTrainer returns them for code written for the seed; the
+# service's outputs (metrics.jsonl, TensorBoard) carry the TRL names only.
+SEED_METRIC_NAMES = frozenset({"dpo_loss", "reward_accuracy", "chosen_log_ratios", "rejected_log_ratios", "margin"})
+
+
 def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
   """The FLOP/s of a square float32 matmul on the default device (best of ``repeats``)."""
   a = jnp.ones((size, size), jnp.float32)
@@ -85,9 +92,11 @@ class MetricsWriter:
       self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, row: dict[str, Any]) -> None:
+    """Appends ``row`` to metrics.jsonl and TensorBoard (the seed's duplicate names, ``eval/`` ones too, left out)."""
     if not self.enabled:
       return
-    row = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v) for k, v in row.items()}
+    row = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v) for k, v in row.items()
+           if k.removeprefix("eval/") not in SEED_METRIC_NAMES}
     line = json.dumps(row, sort_keys=True) + "\n"
     storage.append(self._path, line.encode("utf-8"))
     step = int(row["step"])
@@ -107,6 +116,46 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class TrainLogger:
+  """The training rows of metrics.jsonl and the progress line.
+
+  A row holds the logged step's own metrics and the throughput (tokens/s, seconds per step, MFU)
+  over the steps since the previous row: :meth:`count` is called for every step, :meth:`write`
+  for the logged ones.
+  """
+
+  def __init__(self, writer: MetricsWriter, schedule: Any, total_steps: int, peak_flops: float):
+    self._writer, self._schedule, self._total_steps = writer, schedule, total_steps
+    self._peak_flops = peak_flops * jax.device_count()
+    self._start = self._last_time = time.time()
+    self._tokens, self._flops, self._steps = 0.0, 0.0, 0
+
+  def count(self, tokens: float, flops: float) -> None:
+    """Adds a finished step's tokens and model FLOPs to the interval's."""
+    self._tokens += tokens
+    self._flops += flops
+    self._steps += 1
+
+  def write(self, step: int, metrics: dict[str, Any], tokens: float, pairs: float, counters: dict[str, int],
+            steps_done: int) -> None:
+    """Writes step ``step``'s row (``metrics``: its host values) and starts a new interval.
+
+    ``steps_done``: the steps this process has run since it started (for the ETA).
+    """
+    now = time.time()
+    elapsed = max(now - self._last_time, 1e-9)
+    row = {"step": step, "time": now, "learning_rate": float(self._schedule(step - 1)),
+           "tokens_per_s": self._tokens / elapsed, "step_s": elapsed / self._steps,
+           "mfu": self._flops / elapsed / self._peak_flops}
+    row.update({k: float(v) for k, v in metrics.items()})
+    row["tokens"], row["pairs"] = tokens, pairs
+    row.update(counters)
+    self._writer.write(row)
+    eta = (self._total_steps - step) * (now - self._start) / max(steps_done, 1)
+    self._writer.progress(step, self._total_steps, row, eta)
+    self._last_time, self._tokens, self._flops, self._steps = now, 0.0, 0.0, 0
 
 
 class _AppendingEventFile:

@@ -91,7 +91,7 @@ def compiled_step_memory(args: list[str], workdir: str) -> dict:
 
   from artifex_dpo import config as config_lib
   from artifex_dpo import state as state_lib
-  from artifex_dpo.train import build
+  from artifex_dpo.setup import build
 
   spec = importlib.util.spec_from_file_location("run_config", os.path.join(ROOT, "configs", "tiny.py"))
   module = importlib.util.module_from_spec(spec)

@@ -59,7 +59,7 @@ def main(argv):
   from artifex_dpo import config as config_lib
   from artifex_dpo import metrics as metrics_lib
   from artifex_dpo import state as state_lib
-  from artifex_dpo.train import build
+  from artifex_dpo.setup import build
 
   logging.set_verbosity(logging.WARNING)
   c = _CONFIG.value

@@ -69,7 +69,7 @@ def test_weight_decay_skips_norms_and_biases():
   from flax import nnx
 
   from artifex_dpo.models import LlamaModel, get_preset
-  from artifex_dpo.train import build_optimizer
+  from artifex_dpo.setup import build_optimizer
 
   c = _cfg(optim__weight_decay=0.1)
   tx, _ = build_optimizer(c)
@@ -82,7 +82,7 @@ def test_weight_decay_skips_norms_and_biases():
 
 
 def test_resume_refuses_only_changes_that_change_the_data():
-  from artifex_dpo.train import _check_config_change
+  from artifex_dpo.setup import check_config_change
 
   def saved(**data):
     c = config_lib.default_config()
@@ -92,7 +92,7 @@ def test_resume_refuses_only_changes_that_change_the_data():
   def check(old, **data):
     c = config_lib.default_config()
     c.data.update(data)
-    _check_config_change(old, {"config": c.to_dict(), "train_fingerprint": "same"}, c, "/ckpt/5")
+    check_config_change(old, {"config": c.to_dict(), "train_fingerprint": "same"}, c, "/ckpt/5")
 
   check(saved(share_prompt=True))  # no data-set packing plan: only the layout of a step changes
   with pytest.raises(config_lib.ConfigError, match="config key data.share_prompt:.*/ckpt/5"):
@@ -182,7 +182,7 @@ def test_every_reader_format_is_accepted(tmp_path):
 
 def test_retired_train_seed_still_loads(caplog):
   """An old config file or checkpoint that sets train.seed loads; the key is read by nothing."""
-  from artifex_dpo.train import _check_config_change
+  from artifex_dpo.setup import check_config_change as _check_config_change
 
   assert "train.seed" not in config_lib.flat_keys(config_lib.default_config())
   c = _cfg()

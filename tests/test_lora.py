@@ -244,7 +244,7 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(hf_base, tmp_p
 
 def test_resume_onto_another_base_is_refused(base):
   """A LoRA checkpoint records its base's fingerprint; another base is a config error (exit 2)."""
-  from artifex_dpo import reference, train
+  from artifex_dpo import reference, setup
 
   model, params = base
   other = nnx.state(LlamaModel(CFG, rngs=nnx.Rngs(7)), nnx.Param)
@@ -253,17 +253,17 @@ def test_resume_onto_another_base_is_refused(base):
   assert mine == fingerprint(params) and mine != fingerprint(other)
   c = config_lib.default_config()
   saved = {"config": {}, "train_fingerprint": "data", "base_fingerprint": mine}
-  train._check_config_change(saved, dict(saved), c, "ckpt/5")  # the same base resumes
+  setup.check_config_change(saved, dict(saved), c, "ckpt/5")  # the same base resumes
   with pytest.raises(config_lib.ConfigError) as e:
-    train._check_config_change(saved, dict(saved, base_fingerprint=fingerprint(other)), c, "ckpt/5")
+    setup.check_config_change(saved, dict(saved, base_fingerprint=fingerprint(other)), c, "ckpt/5")
   assert e.value.key == "model.hf_checkpoint"
   c.checkpoint.allow_change = True  # not overridable: adapters only fit their own base
   with pytest.raises(config_lib.ConfigError):
-    train._check_config_change(saved, dict(saved, base_fingerprint=fingerprint(other)), c, "ckpt/5")
+    setup.check_config_change(saved, dict(saved, base_fingerprint=fingerprint(other)), c, "ckpt/5")
   full = {k: v for k, v in saved.items() if k != "base_fingerprint"}  # a full-training checkpoint
   for a, b in ((full, saved), (saved, full)):
     with pytest.raises(config_lib.ConfigError) as e:
-      train._check_config_change(a, b, c, "ckpt/5")
+      setup.check_config_change(a, b, c, "ckpt/5")
     assert e.value.key == "lora.rank"
 
 

@@ -1,4 +1,4 @@
-"""``train.build_optimizer`` against hand computations: clipping, the first AdamW update, the schedules."""
+"""``setup.build_optimizer`` against hand computations: clipping, the first AdamW update, the schedules."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flax import nnx
 
 from artifex_dpo import config as config_lib
 from artifex_dpo.models import LlamaModel, get_preset
-from artifex_dpo.train import build_optimizer
+from artifex_dpo.setup import build_optimizer
 
 
 def _cfg(**optim):

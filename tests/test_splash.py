@@ -22,7 +22,7 @@ from artifex_dpo.models import LlamaModel, get_preset, make_attention_mask
 from artifex_dpo.models.attention import SplashMask, attention_bias, resolve_attention_impl
 from artifex_dpo.models.llama import attention_inputs, causal_attention
 from artifex_dpo.models.splash import splash_attention
-from artifex_dpo.train import build_model_config
+from artifex_dpo.setup import build_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 300 positions: padded to 384 inside, three 128-blocks (block skipping and the padding are exercised).
