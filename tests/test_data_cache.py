@@ -1,6 +1,7 @@
 """The tokenized data cache: same pairs as a plain first pass, tokenized once, split over processes."""
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -112,3 +113,52 @@ def test_fingerprint_is_the_content_not_the_path_or_the_process_count(tmp_path, 
   two, _ = _two_processes(monkeypatch, b, str(tmp_path / "b" / "cache"))
   assert one.fingerprint() == two.fingerprint()
   assert other.fingerprint() != one.fingerprint()
+
+
+def _set_completed_at(cache_dir, key, when):
+  path = storage.join(cache_dir, key, "index.json")
+  index = json.loads(storage.read_text(path))
+  storage.write_text(path, json.dumps(dict(index, completed_at=when)))
+
+
+def test_stale_keys_are_removed_but_not_ours_newer_or_incomplete_ones(where, monkeypatch):
+  tok = load_tokenizer("byte")
+  cache_dir = storage.join(where, "cache")
+  train, evals = storage.join(where, "train.jsonl"), storage.join(where, "eval.jsonl")
+  _write(train, synthetic_records(20, seed=4))
+  _write(evals, synthetic_records(8, seed=5))
+  old = cache.load_or_tokenize(train, tok, cache_dir, **KW).cache_key
+  ev = cache.load_or_tokenize(evals, tok, cache_dir, **KW).cache_key  # the eval set's key: unchanged data
+  _write(train, synthetic_records(21, seed=4))  # changed training data: a new key
+  new_ds = cache.load_or_tokenize(train, tok, cache_dir, **KW)
+  new = new_ds.cache_key
+  assert len({old, ev, new}) == 3
+  # Another job's newer key (completed after every key we read), and a key being written (no index yet).
+  newer, writing = "a" * 20, "b" * 20
+  for name in ("index.json", "part-00000-of-00001.json"):
+    storage.write_bytes(storage.join(cache_dir, newer, name), storage.read_bytes(storage.join(cache_dir, new, name)))
+  storage.write_text(storage.join(cache_dir, writing, "part-00000-of-00002.json"), "{}")
+  storage.write_text(storage.join(cache_dir, "notes.txt"), "not a key")
+  for key, when in ((old, 100.0), (ev, 200.0), (newer, 250.0), (new, 300.0)):
+    _set_completed_at(cache_dir, key, when)
+  stale_tmp = None
+  if not storage.is_remote(where):  # a part writer killed mid-write left its temporary file
+    stale_tmp = storage.join(cache_dir, new, "part-00000-of-00001.tokens.tmp-deadbeef")
+    fresh_tmp = storage.join(cache_dir, new, "part-00000-of-00001.tokens.tmp-0123abcd")
+    for p in (stale_tmp, fresh_tmp):
+      storage.write_text(p, "x")
+    os.utime(stale_tmp, (0, 0))
+  before = set(storage.listdir(cache_dir))
+  assert cache.remove_stale_keys(cache_dir, [new, ev], process_index=1) == []  # only process 0 deletes
+  assert set(storage.listdir(cache_dir)) == before
+  assert cache.remove_stale_keys(cache_dir, [new, ev]) == [old]
+  assert set(storage.listdir(cache_dir)) == before - {old}
+  assert not storage.exists(storage.join(cache_dir, old, "index.json"))
+  if stale_tmp:
+    assert not storage.exists(stale_tmp) and storage.exists(fresh_tmp)
+  # What we keep still loads without tokenizing.
+  monkeypatch.setattr(cache, "tokenize_pairs", lambda *a: pytest.fail("tokenized again"))
+  assert _pairs(cache.load_or_tokenize(train, tok, cache_dir, **KW)) == _pairs(new_ds)
+  cache.load_or_tokenize(evals, tok, cache_dir, **KW)
+  # A key of ours that is not complete: nothing is removed.
+  assert cache.remove_stale_keys(cache_dir, [new, writing]) == []

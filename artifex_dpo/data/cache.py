@@ -8,11 +8,16 @@ counters, same ``file:line`` errors), but:
   size, modification time or object generation), the tokenizer (its files' identity and special
   ids), the truncation settings, the format and ``skip_invalid``: a changed file changes the key;
 * with P processes, records are dealt out in chunks of ``CHUNK`` (chunk c to process c mod P):
-  each process parses and tokenizes only its chunks and writes its part
-  (``part-<p>.tokens`` int32, ``part-<p>.offsets.npy``, then ``part-<p>.json`` last);
+  each process parses (JSON Lines: only its own lines are JSON-decoded) and tokenizes only its
+  chunks, batched through the tokenizer's ``encode_batch``, and writes its part
+  (``part-<p>.tokens`` int32, streamed chunk by chunk so that no part is ever held whole in memory,
+  ``part-<p>.offsets.npy``, then ``part-<p>.json`` last); process 0 then writes ``index.json``,
+  the key's completion marker;
 * every process then keeps only the per-pair table (offsets, lengths: 40 bytes a pair) in memory;
   token ranges are read on demand from the parts (`TokenStore`: ``pread`` of exactly the ranges
-  locally, by byte range with a small block cache from a bucket).
+  locally, by byte range with a small block cache from a bucket);
+* caches of earlier keys are deleted by `remove_stale_keys` (process 0, once the keys a run reads
+  are complete; never a key without its completion marker, nor one completed after them).
 
 Multi-host hazard: a bad record is found by one process only. It does not raise at once (the
 others would wait for it forever at the barrier); it records the error in its part, every process
@@ -465,7 +470,14 @@ def remove_stale_keys(cache_dir: str, keep: Sequence[str], *, process_index: int
   """
   if process_index != 0:
     return []
-  keep = set(keep)
+  try:
+    return _remove_stale_keys(cache_dir, set(keep))
+  except Exception as e:  # noqa: BLE001 - best effort: see the multi-host hazard below
+    log.warning("tokenized data: could not clean up %s: %s", cache_dir, e)
+    return []
+
+
+def _remove_stale_keys(cache_dir: str, keep: set[str]) -> list[str]:
   kept = [_completed_at(storage.join(cache_dir, k)) for k in keep]
   if not kept or any(t is None for t in kept):
     return []
@@ -478,8 +490,14 @@ def remove_stale_keys(cache_dir: str, keep: Sequence[str], *, process_index: int
     done = _completed_at(folder)
     if done is None or done >= oldest_kept:
       continue
-    storage.remove(storage.join(folder, "index.json"))
-    storage.remove(folder, recursive=True)
+    # Multi-host hazard: only process 0 gets here, and the others do not wait for it, so a failure must
+    # not stop it alone (the others would hang in the next collective): cleanup is best effort.
+    try:
+      storage.remove(storage.join(folder, "index.json"))
+      storage.remove(folder, recursive=True)
+    except Exception as e:  # noqa: BLE001 - OSError locally, gcsfs' HttpError etc. on a bucket
+      log.warning("tokenized data: could not remove the stale cache %s: %s", folder, e)
+      continue
     removed.append(name)
     log.info("tokenized data: removed the stale cache %s", folder)
   if not storage.is_remote(cache_dir):
