@@ -162,3 +162,46 @@ def test_stale_keys_are_removed_but_not_ours_newer_or_incomplete_ones(where, mon
   cache.load_or_tokenize(evals, tok, cache_dir, **KW)
   # A key of ours that is not complete: nothing is removed.
   assert cache.remove_stale_keys(cache_dir, [new, writing]) == []
+
+
+def _two_processes_kw(monkeypatch, data, cache_dir, **kw):
+  gate = threading.Barrier(2, timeout=60)
+  monkeypatch.setattr(cache, "barrier", lambda name, n: gate.wait())
+  monkeypatch.setattr(cache, "CHUNK", 4)
+  tok = load_tokenizer("byte")
+  out = [None, None]
+
+  def run(p):
+    out[p] = cache.load_or_tokenize(data, tok, cache_dir, process_index=p, process_count=2, **KW, **kw)
+
+  threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return out
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_lines_of_other_processes_are_counted_not_parsed(tmp_path, monkeypatch, suffix):
+  # Each process JSON-decodes only its own lines; line numbers (byte order mark, blank and whitespace
+  # lines skipped), skipped records and counters stay those of a plain pass over every line.
+  lines = [json.dumps(r) for r in synthetic_records(30, seed=6)]
+  lines[0] = "\ufeff" + lines[0]
+  lines[3] = "{not json"  # process 0's chunk (records 1-4)
+  lines[5] = '"a string"'  # process 1's chunk (records 5-8)
+  lines.insert(6, "")
+  lines.insert(12, "  \t ")
+  data = tmp_path / f"train{suffix}"
+  data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  expected = PreferenceDataset.from_files(str(data), load_tokenizer("byte"), skip_invalid=True, **KW)
+  parsed = []
+  real = cache._parse_or_error
+  monkeypatch.setattr(cache, "_parse_or_error", lambda *a: parsed.append(a[1]) or real(*a))
+  a, b = _two_processes_kw(monkeypatch, str(data), str(tmp_path / "cache"), skip_invalid=True)
+  assert _pairs(a) == _pairs(b) == _pairs(expected)
+  for name in PreferenceDataset.COUNTERS:
+    assert getattr(a, name) == getattr(expected, name), name
+  assert a.skipped_messages == expected.skipped_messages and len(a.skipped_messages) == 2
+  assert a.skipped_messages[0].startswith(f"{data}:4: ")
+  assert len(parsed) == 30  # each line decoded once, by one of the two processes
