@@ -223,8 +223,8 @@ def _lenient_records(path: str, format: str | None, wanted):
 class _PartWriter:
   """Streams a part's tokens into ``<name>.tokens`` as they are made (the part never sits whole in memory).
 
-  Locally into a temporary file renamed over the target at the end (a concurrent writer of the same
-  part, or a reader of an earlier complete copy, never sees a half-written file); on a bucket one
+  Locally into a temporary file renamed over the target at the end (a reader of a complete copy
+  written by a concurrent job with the same key never sees a half-written file); on a bucket one
   streamed upload (the object appears only when complete). Either way, ``<name>.json``, written after
   it, is what says that the part is complete.
   """
@@ -233,11 +233,9 @@ class _PartWriter:
     self.path = path
     self.tmp = path if storage.is_remote(path) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     self.file = storage.open(self.tmp, "wb")
-    self.num_tokens = 0
 
   def write(self, tokens: np.ndarray) -> None:
     self.file.write(memoryview(np.ascontiguousarray(tokens, np.int32)).cast("B"))
-    self.num_tokens += len(tokens)
 
   def commit(self) -> None:
     self.file.close()
