@@ -7,14 +7,20 @@ tokenizer on a sample of it with `tokenizers`. Then, for each process count P, s
 processes (jax.distributed on 127.0.0.1, as the trainer does) that each
 
 1. tokenize their ~1/P of the records into a fresh ``data_cache`` (``artifex_dpo.data.cache``): the
-   first run's tokenization time, and the records each process tokenized;
+   first run's tokenization time (wall, and CPU seconds of each process, all its threads), and the
+   records each process tokenized;
 2. start again on the same cache: the time from the call to the first batch in hand (the data part
-   of a restart's time to its first step: cache lookup, the per-pair table, the loader's first batch);
+   of a restart's time to its first step: cache lookup, the per-pair table, the loader's first batch),
+   and from the process's spawn to that batch (interpreter, imports, jax.distributed included);
 3. report the peak resident memory (``ru_maxrss``) and the resident memory the data adds on the restart
    (RSS after loading and reading ``--batches`` batches of 64 pairs, minus RSS before the load, with the
    libraries already imported), next to the token buffer's size.
 
-Prints one JSON line per process count. Not a test: timings depend on the machine.
+Prints one JSON line per process count (with the machine's CPU count and its 1-minute load average
+before the first run, between the runs and after the restart: wall times on a shared machine are
+CPU seconds divided by the share it gave), progress on stderr. The generated set stays in
+``--workdir`` (reused by the next run of that size); each process count's cache is deleted after its
+line unless ``--keep``. Not a test: timings depend on the machine.
 """
 
 from __future__ import annotations
