@@ -133,13 +133,15 @@ def test_stale_keys_are_removed_but_not_ours_newer_or_incomplete_ones(where, mon
   new_ds = cache.load_or_tokenize(train, tok, cache_dir, **KW)
   new = new_ds.cache_key
   assert len({old, ev, new}) == 3
-  # Another job's newer key (completed after every key we read), and a key being written (no index yet).
-  newer, writing = "a" * 20, "b" * 20
-  for name in ("index.json", "part-00000-of-00001.json"):
-    storage.write_bytes(storage.join(cache_dir, newer, name), storage.read_bytes(storage.join(cache_dir, new, name)))
+  # Another job's newer key (completed after every key we read), an older one completed between our two
+  # keys (an earlier eval set, say), and a key being written (no index yet).
+  newer, between, writing = "a" * 20, "c" * 20, "b" * 20
+  for key in (newer, between):
+    for name in ("index.json", "part-00000-of-00001.json"):
+      storage.write_bytes(storage.join(cache_dir, key, name), storage.read_bytes(storage.join(cache_dir, new, name)))
   storage.write_text(storage.join(cache_dir, writing, "part-00000-of-00002.json"), "{}")
   storage.write_text(storage.join(cache_dir, "notes.txt"), "not a key")
-  for key, when in ((old, 100.0), (ev, 200.0), (newer, 250.0), (new, 300.0)):
+  for key, when in ((old, 100.0), (ev, 200.0), (between, 250.0), (new, 300.0), (newer, 350.0)):
     _set_completed_at(cache_dir, key, when)
   stale_tmp = None
   if not storage.is_remote(where):  # a part writer killed mid-write left its temporary file
@@ -151,8 +153,8 @@ def test_stale_keys_are_removed_but_not_ours_newer_or_incomplete_ones(where, mon
   before = set(storage.listdir(cache_dir))
   assert cache.remove_stale_keys(cache_dir, [new, ev], process_index=1) == []  # only process 0 deletes
   assert set(storage.listdir(cache_dir)) == before
-  assert cache.remove_stale_keys(cache_dir, [new, ev]) == [old]
-  assert set(storage.listdir(cache_dir)) == before - {old}
+  assert sorted(cache.remove_stale_keys(cache_dir, [new, ev])) == sorted([old, between])
+  assert set(storage.listdir(cache_dir)) == before - {old, between}
   assert not storage.exists(storage.join(cache_dir, old, "index.json"))
   if stale_tmp:
     assert not storage.exists(stale_tmp) and storage.exists(fresh_tmp)
@@ -205,3 +207,23 @@ def test_lines_of_other_processes_are_counted_not_parsed(tmp_path, monkeypatch, 
   assert a.skipped_messages == expected.skipped_messages and len(a.skipped_messages) == 2
   assert a.skipped_messages[0].startswith(f"{data}:4: ")
   assert len(parsed) == 30  # each line decoded once, by one of the two processes
+
+
+def test_a_run_removes_the_caches_of_its_earlier_data(tmp_path):
+  # train.build_datasets (the service's first pass) keeps the keys it reads (training and eval sets) and
+  # removes the earlier training data's key.
+  from artifex_dpo import train as train_lib
+  from artifex_dpo.config import default_config
+
+  train, evals = str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
+  _write(train, synthetic_records(20, seed=7))
+  _write(evals, synthetic_records(8, seed=8))
+  c = default_config()
+  c.data.train_files, c.data.eval_files = train, evals
+  tok = load_tokenizer("byte")
+  workdir = str(tmp_path / "w")
+  first = train_lib.build_datasets(c, tok, workdir)
+  _write(train, synthetic_records(21, seed=7))
+  second = train_lib.build_datasets(c, tok, workdir)
+  assert first[1].cache_key == second[1].cache_key != second[0].cache_key != first[0].cache_key
+  assert storage.listdir(storage.join(workdir, "data_cache")) == sorted([second[0].cache_key, second[1].cache_key])

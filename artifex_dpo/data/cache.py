@@ -17,7 +17,7 @@ counters, same ``file:line`` errors), but:
   token ranges are read on demand from the parts (`TokenStore`: ``pread`` of exactly the ranges
   locally, by byte range with a small block cache from a bucket);
 * caches of earlier keys are deleted by `remove_stale_keys` (process 0, once the keys a run reads
-  are complete; never a key without its completion marker, nor one completed after them).
+  are complete; never a key without its completion marker, nor one completed after the newest of them).
 
 Multi-host hazard: a bad record is found by one process only. It does not raise at once (the
 others would wait for it forever at the barrier); it records the error in its part, every process
@@ -451,9 +451,9 @@ def remove_stale_keys(cache_dir: str, keep: Sequence[str], *, process_index: int
   * a key without its completion marker (``index.json``) is never deleted: it may be being written
     right now by another job pointed at the same workdir (or was cut short, and the next run with
     that key completes it); remove such folders by hand once no job can be writing them;
-  * a complete key is deleted only if it was completed before every key in ``keep``: a key
-    completed later belongs to a job that started after this one's data was tokenized (newer
-    data, maybe still being read), and stays;
+  * a complete key is deleted only if it was completed before the newest key in ``keep`` (this
+    run's data as of now): a key completed later belongs to a job that tokenized after this one
+    (newer data, maybe still being read), and stays;
   * the deletion removes ``index.json`` first, so a deletion cut short leaves an incomplete key
     that nobody reads (it is never mistaken for a complete one).
 
@@ -479,14 +479,14 @@ def _remove_stale_keys(cache_dir: str, keep: set[str]) -> list[str]:
   kept = [_completed_at(storage.join(cache_dir, k)) for k in keep]
   if not kept or any(t is None for t in kept):
     return []
-  oldest_kept = min(kept)
+  newest_kept = max(kept)
   removed = []
   for name in storage.listdir(cache_dir):
     if name in keep or not _KEY_RE.fullmatch(name):
       continue
     folder = storage.join(cache_dir, name)
     done = _completed_at(folder)
-    if done is None or done >= oldest_kept:
+    if done is None or done >= newest_kept:
       continue
     # Multi-host hazard: only process 0 gets here, and the others do not wait for it, so a failure must
     # not stop it alone (the others would hang in the next collective): cleanup is best effort.
