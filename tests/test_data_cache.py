@@ -227,3 +227,27 @@ def test_a_run_removes_the_caches_of_its_earlier_data(tmp_path):
   second = train_lib.build_datasets(c, tok, workdir)
   assert first[1].cache_key == second[1].cache_key != second[0].cache_key != first[0].cache_key
   assert storage.listdir(storage.join(workdir, "data_cache")) == sorted([second[0].cache_key, second[1].cache_key])
+
+
+def test_a_first_run_cut_short_leaves_no_part_behind(tmp_path, monkeypatch):
+  # The tokens stream into a temporary file: a failure (or SIGTERM) mid-way removes it, and the key stays
+  # incomplete (no part marker, no index), so the next run tokenizes it again.
+  data = str(tmp_path / "train.jsonl")
+  _write(data, synthetic_records(12, seed=9))
+  monkeypatch.setattr(cache, "CHUNK", 4)
+  real, calls = cache.tokenize_pairs, []
+
+  def fail_on_the_second_chunk(texts, tok):
+    calls.append(len(texts))
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(texts, tok)
+
+  monkeypatch.setattr(cache, "tokenize_pairs", fail_on_the_second_chunk)
+  with pytest.raises(KeyboardInterrupt):
+    cache.load_or_tokenize(data, load_tokenizer("byte"), str(tmp_path / "cache"), **KW)
+  (key,) = storage.listdir(str(tmp_path / "cache"))
+  assert storage.listdir(str(tmp_path / "cache" / key)) == []
+  monkeypatch.setattr(cache, "tokenize_pairs", real)
+  ds = cache.load_or_tokenize(data, load_tokenizer("byte"), str(tmp_path / "cache"), **KW)
+  assert _pairs(ds) == _pairs(PreferenceDataset.from_files(data, load_tokenizer("byte"), **KW))
