@@ -7,14 +7,20 @@ tokenizer on a sample of it with `tokenizers`. Then, for each process count P, s
 processes (jax.distributed on 127.0.0.1, as the trainer does) that each
 
 1. tokenize their ~1/P of the records into a fresh ``data_cache`` (``artifex_dpo.data.cache``): the
-   first run's tokenization time, and the records each process tokenized;
+   first run's tokenization time (wall, and CPU seconds of each process, all its threads), and the
+   records each process tokenized;
 2. start again on the same cache: the time from the call to the first batch in hand (the data part
-   of a restart's time to its first step: cache lookup, the per-pair table, the loader's first batch);
+   of a restart's time to its first step: cache lookup, the per-pair table, the loader's first batch),
+   and from the process's spawn to that batch (interpreter, imports, jax.distributed included);
 3. report the peak resident memory (``ru_maxrss``) and the resident memory the data adds on the restart
    (RSS after loading and reading ``--batches`` batches of 64 pairs, minus RSS before the load, with the
    libraries already imported), next to the token buffer's size.
 
-Prints one JSON line per process count. Not a test: timings depend on the machine.
+Prints one JSON line per process count (with the machine's CPU count and its 1-minute load average
+before the first run, between the runs and after the restart: wall times on a shared machine are
+CPU seconds divided by the share it gave), progress on stderr. The generated set stays in
+``--workdir`` (reused by the next run of that size); each process count's cache is deleted after its
+line unless ``--keep``. Not a test: timings depend on the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-WORDS = None
 
 
 def _rss_bytes() -> int:
@@ -42,19 +47,20 @@ def _rss_bytes() -> int:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _text(rng: random.Random, words: list[str], n: int) -> str:
-  return " ".join(rng.choice(words) for _ in range(n))
-
-
 def generate(path: str, pairs: int, seed: int = 0) -> None:
+  """Random words from a 5000-word vocabulary: ~1 BPE token a word, so prompts ~200 tokens, responses ~300."""
   rng = random.Random(seed)
   syll = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "gor", "lin", "tes", "pra", "ul"]
-  words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(5000)]
-  with open(path, "w") as f:
-    for _ in range(pairs):
-      # ~1 BPE token a word with this vocabulary: prompts ~200 tokens, responses ~300
-      f.write(json.dumps({"prompt": _text(rng, words, 200), "chosen": _text(rng, words, 300),
-                          "rejected": _text(rng, words, 300)}) + "\n")
+  words = np.array(["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(5000)], object)
+  choices = np.random.default_rng(seed)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    for start in range(0, pairs, 10_000):
+      n = min(10_000, pairs - start)
+      picks = words[choices.integers(0, len(words), size=(n, 800))]
+      f.write("".join(json.dumps({"prompt": " ".join(row[:200]), "chosen": " ".join(row[200:500]),
+                                  "rejected": " ".join(row[500:])}) + "\n" for row in picks.tolist()))
+  os.replace(tmp, path)  # a run killed while generating leaves no truncated set behind
 
 
 def train_tokenizer(data: str, folder: str, sample: int = 5000) -> None:
@@ -95,9 +101,10 @@ def worker(args) -> None:
     calls = []
     real = cache.tokenize_pairs
     cache.tokenize_pairs = lambda texts, t: calls.append(len(texts)) or real(texts, t)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu_s()
     ds = cache.load_or_tokenize(args.data, tok, args.cache, **kw)
-    out.update(tokenize_s=time.perf_counter() - t, records_tokenized=sum(calls), pairs=len(ds))
+    out.update(tokenize_s=time.perf_counter() - t, tokenize_cpu_s=_cpu_s() - cpu, records_tokenized=sum(calls),
+               pairs=len(ds))
   else:
     import grain  # noqa: F401  (imported before the baseline: its import is not data)
 
@@ -114,6 +121,8 @@ def worker(args) -> None:
     it = iter(loader)
     next(it)
     out["restart_to_first_batch_s"] = time.perf_counter() - t
+    # From the process's spawn (interpreter, imports, jax.distributed, tokenizer) to its first batch.
+    out["spawn_to_first_batch_s"] = time.time() - args.spawned
     for _ in range(args.batches - 1):  # then keep reading: the resident size must not grow with the data
       next(it)
     out.update(data_rss_bytes=_rss_bytes() - before,
@@ -122,11 +131,22 @@ def worker(args) -> None:
   print("RESULT " + json.dumps(out), flush=True)
 
 
+def _cpu_s() -> float:
+  """CPU seconds of this process, all threads (the tokenizer's own thread pool included)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", file=sys.stderr, flush=True)
+
+
 def run_processes(args, processes: int, phase: str, cache_dir: str) -> list[dict]:
   port = 20000 + random.randint(0, 20000)
   cmds = [[sys.executable, os.path.abspath(__file__), "--worker", f"--phase={phase}", f"--data={args.data}",
            f"--tokenizer={args.tokenizer}", f"--cache={cache_dir}", f"--process_index={i}",
-           f"--process_count={processes}", f"--coordinator=127.0.0.1:{port}", f"--batches={args.batches}"] for i in range(processes)]
+           f"--process_count={processes}", f"--coordinator=127.0.0.1:{port}", f"--batches={args.batches}",
+           f"--spawned={time.time()!r}"] for i in range(processes)]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
   results = []
@@ -151,6 +171,8 @@ def main() -> None:
   ap.add_argument("--process_index", type=int, default=0)
   ap.add_argument("--process_count", type=int, default=1)
   ap.add_argument("--coordinator")
+  ap.add_argument("--keep", action="store_true", help="keep each process count's cache (deleted by default)")
+  ap.add_argument("--spawned", type=float, default=0.0)
   ap.add_argument("--batches", type=int, default=50, help="batches read on the restart before measuring memory")
   args = ap.parse_args()
   if args.worker:
@@ -160,24 +182,43 @@ def main() -> None:
   args.data = os.path.join(args.workdir, f"prefs-{args.pairs}.jsonl")
   args.tokenizer = os.path.join(args.workdir, "tokenizer")
   if not os.path.isfile(args.data):
+    _log(f"generating {args.pairs} pairs")
+    t = time.perf_counter()
     generate(args.data, args.pairs)
+    _log(f"generated in {time.perf_counter() - t:.1f} s: {os.path.getsize(args.data) / 1e9:.2f} GB")
   if not os.path.isdir(args.tokenizer):
+    t = time.perf_counter()
     train_tokenizer(args.data, args.tokenizer)
+    _log(f"tokenizer trained in {time.perf_counter() - t:.1f} s")
   for processes in (int(x) for x in args.processes.split(",")):
     cache_dir = os.path.join(args.workdir, f"cache-p{processes}")
     shutil.rmtree(cache_dir, ignore_errors=True)
+    load = [os.getloadavg()[0]]
+    _log(f"{processes} process(es): first run")
     first = run_processes(args, processes, "first", cache_dir)
+    load.append(os.getloadavg()[0])
+    _log(f"{processes} process(es): first run done ({max(r['tokenize_s'] for r in first):.1f} s); restart")
     restart = run_processes(args, processes, "restart", cache_dir)
+    load.append(os.getloadavg()[0])
     tok_s = max(r["tokenize_s"] for r in first)
+    restart_s = max(r["restart_to_first_batch_s"] for r in restart)
     print(json.dumps({
-        "pairs": args.pairs, "processes": processes, "first_run_tokenize_s": round(tok_s, 2),
+        "pairs": args.pairs, "processes": processes, "cpus": os.cpu_count(),
+        "load_avg_1min_start_mid_end": [round(x, 1) for x in load],
+        "first_run_tokenize_s": round(tok_s, 2),
+        "first_run_tokenize_cpu_s_per_process": [round(r["tokenize_cpu_s"], 1) for r in first],
         "records_tokenized_per_process": [r["records_tokenized"] for r in first],
-        "restart_to_first_batch_s": round(max(r["restart_to_first_batch_s"] for r in restart), 3),
-        "restart_over_first": round(max(r["restart_to_first_batch_s"] for r in restart) / tok_s, 4),
+        "restart_to_first_batch_s": round(restart_s, 3),
+        "restart_over_first": round(restart_s / tok_s, 5),
+        "spawn_to_first_batch_s": round(max(r["spawn_to_first_batch_s"] for r in restart), 2),
         "token_buffer_bytes": restart[0]["token_buffer_bytes"], "pair_table_bytes": restart[0]["pair_table_bytes"],
+        "tokens_per_pair": round(restart[0]["token_buffer_bytes"] / 4 / first[0]["pairs"], 1),
         "data_rss_bytes_per_process": [r["data_rss_bytes"] for r in restart],
         "peak_rss_bytes_per_process": [r["peak_rss_bytes"] for r in restart],
+        "first_run_peak_rss_bytes_per_process": [r["peak_rss_bytes"] for r in first],
     }), flush=True)
+    if not args.keep:
+      shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The tokenized data cache: same pairs as a plain first pass, tokenized once, split over processes."""
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -112,3 +113,141 @@ def test_fingerprint_is_the_content_not_the_path_or_the_process_count(tmp_path, 
   two, _ = _two_processes(monkeypatch, b, str(tmp_path / "b" / "cache"))
   assert one.fingerprint() == two.fingerprint()
   assert other.fingerprint() != one.fingerprint()
+
+
+def _set_completed_at(cache_dir, key, when):
+  path = storage.join(cache_dir, key, "index.json")
+  index = json.loads(storage.read_text(path))
+  storage.write_text(path, json.dumps(dict(index, completed_at=when)))
+
+
+def test_stale_keys_are_removed_but_not_ours_newer_or_incomplete_ones(where, monkeypatch):
+  tok = load_tokenizer("byte")
+  cache_dir = storage.join(where, "cache")
+  train, evals = storage.join(where, "train.jsonl"), storage.join(where, "eval.jsonl")
+  _write(train, synthetic_records(20, seed=4))
+  _write(evals, synthetic_records(8, seed=5))
+  old = cache.load_or_tokenize(train, tok, cache_dir, **KW).cache_key
+  ev = cache.load_or_tokenize(evals, tok, cache_dir, **KW).cache_key  # the eval set's key: unchanged data
+  _write(train, synthetic_records(21, seed=4))  # changed training data: a new key
+  new_ds = cache.load_or_tokenize(train, tok, cache_dir, **KW)
+  new = new_ds.cache_key
+  assert len({old, ev, new}) == 3
+  # Another job's newer key (completed after every key we read), an older one completed between our two
+  # keys (an earlier eval set, say), and a key being written (no index yet).
+  newer, between, writing = "a" * 20, "c" * 20, "b" * 20
+  for key in (newer, between):
+    for name in ("index.json", "part-00000-of-00001.json"):
+      storage.write_bytes(storage.join(cache_dir, key, name), storage.read_bytes(storage.join(cache_dir, new, name)))
+  storage.write_text(storage.join(cache_dir, writing, "part-00000-of-00002.json"), "{}")
+  storage.write_text(storage.join(cache_dir, "notes.txt"), "not a key")
+  for key, when in ((old, 100.0), (ev, 200.0), (between, 250.0), (new, 300.0), (newer, 350.0)):
+    _set_completed_at(cache_dir, key, when)
+  stale_tmp = None
+  if not storage.is_remote(where):  # a part writer killed mid-write left its temporary file
+    stale_tmp = storage.join(cache_dir, new, "part-00000-of-00001.tokens.tmp-deadbeef")
+    fresh_tmp = storage.join(cache_dir, new, "part-00000-of-00001.tokens.tmp-0123abcd")
+    for p in (stale_tmp, fresh_tmp):
+      storage.write_text(p, "x")
+    os.utime(stale_tmp, (0, 0))
+  before = set(storage.listdir(cache_dir))
+  assert cache.remove_stale_keys(cache_dir, [new, ev], process_index=1) == []  # only process 0 deletes
+  assert set(storage.listdir(cache_dir)) == before
+  assert sorted(cache.remove_stale_keys(cache_dir, [new, ev])) == sorted([old, between])
+  assert set(storage.listdir(cache_dir)) == before - {old, between}
+  assert not storage.exists(storage.join(cache_dir, old, "index.json"))
+  if stale_tmp:
+    assert not storage.exists(stale_tmp) and storage.exists(fresh_tmp)
+  # What we keep still loads without tokenizing.
+  monkeypatch.setattr(cache, "tokenize_pairs", lambda *a: pytest.fail("tokenized again"))
+  assert _pairs(cache.load_or_tokenize(train, tok, cache_dir, **KW)) == _pairs(new_ds)
+  cache.load_or_tokenize(evals, tok, cache_dir, **KW)
+  # A key of ours that is not complete: nothing is removed.
+  assert cache.remove_stale_keys(cache_dir, [new, writing]) == []
+
+
+def _two_processes_kw(monkeypatch, data, cache_dir, **kw):
+  gate = threading.Barrier(2, timeout=60)
+  monkeypatch.setattr(cache, "barrier", lambda name, n: gate.wait())
+  monkeypatch.setattr(cache, "CHUNK", 4)
+  tok = load_tokenizer("byte")
+  out = [None, None]
+
+  def run(p):
+    out[p] = cache.load_or_tokenize(data, tok, cache_dir, process_index=p, process_count=2, **KW, **kw)
+
+  threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return out
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_lines_of_other_processes_are_counted_not_parsed(tmp_path, monkeypatch, suffix):
+  # Each process JSON-decodes only its own lines; line numbers (byte order mark, blank and whitespace
+  # lines skipped), skipped records and counters stay those of a plain pass over every line.
+  lines = [json.dumps(r) for r in synthetic_records(30, seed=6)]
+  lines[0] = "\ufeff" + lines[0]
+  lines[3] = "{not json"  # process 0's chunk (records 1-4)
+  lines[5] = '"a string"'  # process 1's chunk (records 5-8)
+  lines.insert(6, "")
+  lines.insert(12, "  \t ")
+  data = tmp_path / f"train{suffix}"
+  data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  expected = PreferenceDataset.from_files(str(data), load_tokenizer("byte"), skip_invalid=True, **KW)
+  parsed = []
+  real = cache._parse_or_error
+  monkeypatch.setattr(cache, "_parse_or_error", lambda *a: parsed.append(a[1]) or real(*a))
+  a, b = _two_processes_kw(monkeypatch, str(data), str(tmp_path / "cache"), skip_invalid=True)
+  assert _pairs(a) == _pairs(b) == _pairs(expected)
+  for name in PreferenceDataset.COUNTERS:
+    assert getattr(a, name) == getattr(expected, name), name
+  assert a.skipped_messages == expected.skipped_messages and len(a.skipped_messages) == 2
+  assert a.skipped_messages[0].startswith(f"{data}:4: ")
+  assert len(parsed) == 30  # each line decoded once, by one of the two processes
+
+
+def test_a_run_removes_the_caches_of_its_earlier_data(tmp_path):
+  # build_datasets (the service's first pass) keeps the keys it reads (training and eval sets) and
+  # removes the earlier training data's key.
+  from artifex_dpo.config import default_config
+  from artifex_dpo.data import build_datasets
+
+  train, evals = str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
+  _write(train, synthetic_records(20, seed=7))
+  _write(evals, synthetic_records(8, seed=8))
+  c = default_config()
+  c.data.train_files, c.data.eval_files = train, evals
+  tok = load_tokenizer("byte")
+  workdir = str(tmp_path / "w")
+  first = build_datasets(c, tok, workdir)
+  _write(train, synthetic_records(21, seed=7))
+  second = build_datasets(c, tok, workdir)
+  assert first[1].cache_key == second[1].cache_key != second[0].cache_key != first[0].cache_key
+  assert storage.listdir(storage.join(workdir, "data_cache")) == sorted([second[0].cache_key, second[1].cache_key])
+
+
+def test_a_first_run_cut_short_leaves_no_part_behind(tmp_path, monkeypatch):
+  # The tokens stream into a temporary file: a failure (or SIGTERM) mid-way removes it, and the key stays
+  # incomplete (no part marker, no index), so the next run tokenizes it again.
+  data = str(tmp_path / "train.jsonl")
+  _write(data, synthetic_records(12, seed=9))
+  monkeypatch.setattr(cache, "CHUNK", 4)
+  real, calls = cache.tokenize_pairs, []
+
+  def fail_on_the_second_chunk(texts, tok):
+    calls.append(len(texts))
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(texts, tok)
+
+  monkeypatch.setattr(cache, "tokenize_pairs", fail_on_the_second_chunk)
+  with pytest.raises(KeyboardInterrupt):
+    cache.load_or_tokenize(data, load_tokenizer("byte"), str(tmp_path / "cache"), **KW)
+  (key,) = storage.listdir(str(tmp_path / "cache"))
+  assert storage.listdir(str(tmp_path / "cache" / key)) == []
+  monkeypatch.setattr(cache, "tokenize_pairs", real)
+  ds = cache.load_or_tokenize(data, load_tokenizer("byte"), str(tmp_path / "cache"), **KW)
+  assert _pairs(ds) == _pairs(PreferenceDataset.from_files(data, load_tokenizer("byte"), **KW))

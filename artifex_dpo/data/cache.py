@@ -8,11 +8,16 @@ counters, same ``file:line`` errors), but:
   size, modification time or object generation), the tokenizer (its files' identity and special
   ids), the truncation settings, the format and ``skip_invalid``: a changed file changes the key;
 * with P processes, records are dealt out in chunks of ``CHUNK`` (chunk c to process c mod P):
-  each process parses and tokenizes only its chunks and writes its part
-  (``part-<p>.tokens`` int32, ``part-<p>.offsets.npy``, then ``part-<p>.json`` last);
+  each process parses (JSON Lines: only its own lines are JSON-decoded) and tokenizes only its
+  chunks, batched through the tokenizer's ``encode_batch``, and writes its part
+  (``part-<p>.tokens`` int32, streamed chunk by chunk so that no part is ever held whole in memory,
+  ``part-<p>.offsets.npy``, then ``part-<p>.json`` last); process 0 then writes ``index.json``,
+  the key's completion marker;
 * every process then keeps only the per-pair table (offsets, lengths: 40 bytes a pair) in memory;
   token ranges are read on demand from the parts (`TokenStore`: ``pread`` of exactly the ranges
-  locally, by byte range with a small block cache from a bucket).
+  locally, by byte range with a small block cache from a bucket);
+* caches of earlier keys are deleted by `remove_stale_keys` (process 0, once the keys a run reads
+  are complete; never a key without its completion marker, nor one completed after the newest of them).
 
 Multi-host hazard: a bad record is found by one process only. It does not raise at once (the
 others would wait for it forever at the barrier); it records the error in its part, every process
@@ -22,11 +27,16 @@ passes the barrier, and then all raise the earliest error in file order.
 from __future__ import annotations
 
 import collections
+import contextlib
+import datetime
 import hashlib
 import io
 import json
 import logging
 import os
+import re
+import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +45,7 @@ import numpy as np
 from artifex_dpo import storage
 from artifex_dpo.data.errors import DataError
 from artifex_dpo.data.formats import PairTexts, TruncationSettings, parse_record, tokenize_pairs, truncate_pair
-from artifex_dpo.data.sources import expand_files, read_records_lenient
+from artifex_dpo.data.sources import _open_binary, _parse_or_error, detect_format, expand_files, read_records_lenient
 
 CHUNK = 1024  # records per unit of work
 _MAX_REPORTED = 10
@@ -178,11 +188,82 @@ def _agreed(key: str, process_count: int) -> str:
   return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)).decode("ascii")
 
 
+def _lenient_records(path: str, format: str | None, wanted):
+  """``read_records_lenient(path, format)``, but a record for which ``wanted()`` is False comes as None, unparsed.
+
+  ``wanted`` is called once per record, in order. JSON Lines (and ``.json`` holding JSON Lines) are
+  split into lines here and only the wanted ones are parsed: with P processes each parses ~1/P of
+  the records instead of all of them. Line numbers, blank-line skipping, the byte order mark, the
+  per-record errors and the empty-file error are `sources._read_jsonl`'s. Other formats are read
+  (and parsed) whole by `read_records_lenient`.
+  """
+  fmt = detect_format(path, format)
+  if fmt == "json":
+    with _open_binary(path) as f:
+      head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+      fmt = "jsonl"
+  if fmt != "jsonl":
+    for line, record in read_records_lenient(path, format):
+      yield line, (record if wanted() else None)
+    return
+  count = 0
+  with _open_binary(path) as f:
+    for line_no, raw in enumerate(f, start=1):
+      if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte order mark.
+      if not raw or raw.isspace():  # (== ``not raw.strip()``, without copying the line)
+        continue
+      count += 1
+      yield line_no, (_parse_or_error(path, line_no, raw) if wanted() else None)
+  if count == 0:
+    raise DataError(path, None, "empty file (no records)")
+
+
+class _PartWriter:
+  """Streams a part's tokens into ``<name>.tokens`` as they are made (the part never sits whole in memory).
+
+  Locally into a temporary file renamed over the target at the end (a reader of a complete copy
+  written by a concurrent job with the same key never sees a half-written file); on a bucket one
+  streamed upload (the object appears only when complete). Either way, ``<name>.json``, written after
+  it, is what says that the part is complete.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.tmp = path if storage.is_remote(path) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    self.file = storage.open(self.tmp, "wb")
+
+  def write(self, tokens: np.ndarray) -> None:
+    self.file.write(memoryview(np.ascontiguousarray(tokens, np.int32)).cast("B"))
+
+  def commit(self) -> None:
+    self.file.close()
+    if self.tmp != self.path:
+      os.replace(self.tmp, self.path)
+
+  def abort(self) -> None:
+    discard = getattr(self.file, "discard", None)  # gcsfs: cancel the upload instead of committing it
+    try:
+      if discard is not None:
+        discard()
+      else:
+        self.file.close()
+    except Exception:  # noqa: BLE001 - already failing
+      pass
+    if self.tmp != self.path:
+      with contextlib.suppress(OSError):
+        os.remove(self.tmp)
+
+
 def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count,
-                   id_limit=None) -> dict:
-  """Parses and tokenizes this process's chunks; returns tokens, offsets and the part's meta."""
-  parts: list[np.ndarray] = []
-  offsets: list[list[int]] = []
+                   id_limit=None, sink: _PartWriter | None = None) -> dict:
+  """Parses and tokenizes this process's chunks; returns the offsets and the part's meta.
+
+  The tokens go to ``sink`` chunk by chunk (and are also returned, concatenated, when it is None).
+  """
+  held: list[np.ndarray] = []
+  offsets: list[np.ndarray] = []
   chunk_pairs: dict[int, int] = {}
   skipped: list[tuple[int, str]] = []
   counts = {"invalid": 0, "dropped": 0, "identical": 0, "prompts": 0, "responses": 0}
@@ -197,37 +278,51 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
     nonlocal pos
     texts = [p for _, p in pending if isinstance(p, PairTexts)]
     tokenized = iter(tokenize_pairs(texts, tokenizer))
+    pieces: list[np.ndarray] = []
+    rows: list[tuple[int, int, int, int]] = []
     for k, parsed in pending:
       pair = next(tokenized) if isinstance(parsed, PairTexts) else parsed
       cut, _ = truncate_pair(pair, settings, tokenizer.bos_id)
       if cut is None:
         counts["dropped"] += 1
         continue
-      if np.array_equal(cut.chosen_ids, cut.rejected_ids):  # as PreferenceDataset.from_files
+      p, c, r = (np.asarray(x, np.int32) for x in (cut.prompt_ids, cut.chosen_ids, cut.rejected_ids))
+      if len(c) == len(r) and np.array_equal(c, r):  # as PreferenceDataset.from_files
         counts["identical"] += 1
         continue
-      counts["prompts"] += len(cut.prompt_ids) < len(pair.prompt_ids)
-      counts["responses"] += (len(cut.chosen_ids) < len(pair.chosen_ids)) + (
-          len(cut.rejected_ids) < len(pair.rejected_ids))
-      pair = cut
-      row = [pos]
-      digest = chunk_hashes.setdefault(k // CHUNK, hashlib.sha256())
-      for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-        a = np.asarray(ids, np.int32)
-        digest.update(np.int64(len(a)).tobytes())
-        digest.update(a.tobytes())
-        parts.append(a)
-        pos += len(a)
-        row.append(pos)
-      offsets.append(row)
-      chunk_pairs[k // CHUNK] = chunk_pairs.get(k // CHUNK, 0) + 1
+      counts["prompts"] += len(p) < len(pair.prompt_ids)
+      counts["responses"] += (len(c) < len(pair.chosen_ids)) + (len(r) < len(pair.rejected_ids))
+      digest = chunk_hashes.get(k // CHUNK)
+      if digest is None:
+        digest = chunk_hashes[k // CHUNK] = hashlib.sha256()
+      a, b, e = pos + len(p), pos + len(p) + len(c), pos + len(p) + len(c) + len(r)
+      for ids in (p, c, r):
+        digest.update(np.int64(len(ids)).tobytes())
+        digest.update(ids.tobytes())
+      pieces += (p, c, r)
+      rows.append((pos, a, b, e))
+      pos = e
+      chunk_pairs[k // CHUNK] += 1
     pending.clear()
+    if rows:
+      offsets.append(np.asarray(rows, np.int64))
+      tokens = np.concatenate(pieces)
+      if sink is None:
+        held.append(tokens)
+      else:
+        sink.write(tokens)
 
+  # Multi-host: every process reads every line (to count records), but parses and tokenizes only its own.
   k = -1
+
+  def wanted() -> bool:
+    nonlocal k
+    k += 1
+    return (k // CHUNK) % process_count == process_index
+
   for path in paths:
-    for line, record in read_records_lenient(path, format):
-      k += 1
-      if (k // CHUNK) % process_count != process_index:
+    for line, record in _lenient_records(path, format, wanted):
+      if record is None:
         continue  # another process's chunk
       chunk_pairs.setdefault(k // CHUNK, 0)
       try:
@@ -246,13 +341,15 @@ def _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_ind
     if error:
       break
   flush()
-  tokens = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
   meta = {"chunks": sorted(chunk_pairs), "pairs_per_chunk": [chunk_pairs[c] for c in sorted(chunk_pairs)],
-          "num_tokens": int(len(tokens)), "invalid": counts["invalid"], "dropped": counts["dropped"],
+          "num_tokens": int(pos), "invalid": counts["invalid"], "dropped": counts["dropped"],
           "identical": counts["identical"], "prompts": counts["prompts"], "responses": counts["responses"],
           "skipped": skipped, "error": error, "process_count": process_count,
           "chunk_sha256": [chunk_hashes.get(c, hashlib.sha256()).hexdigest() for c in sorted(chunk_pairs)]}
-  return {"tokens": tokens, "offsets": np.asarray(offsets, np.int64).reshape(-1, 4), "meta": meta}
+  out = {"offsets": np.concatenate(offsets) if offsets else np.zeros((0, 4), np.int64), "meta": meta}
+  if sink is None:
+    out["tokens"] = np.concatenate(held) if held else np.zeros((0,), np.int32)
+  return out
 
 
 def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, format: str | None = None,
@@ -276,13 +373,22 @@ def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, f
   key = _agreed(cache_key(paths, tokenizer, settings, format, skip_invalid, id_limit), process_count)
   folder = storage.join(cache_dir, key)
   index_path = storage.join(folder, "index.json")
+  # Multi-host hazard: each process checks for the index on its own. Within one job they agree (the index
+  # is written before the last barrier); a concurrent job completing this key between two processes'
+  # checks would split them (some at the barriers, some not): the workdir lease rules that job out.
   if storage.isfile(index_path):
     log.info("tokenized data: using the cache %s", folder)
   else:
-    part = _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count, id_limit)
     name = storage.join(folder, f"part-{process_index:05d}-of-{process_count:05d}")
     storage.makedirs(folder)
-    storage.write_bytes(f"{name}.tokens", part["tokens"].tobytes())
+    sink = _PartWriter(f"{name}.tokens")
+    try:
+      part = _tokenize_part(paths, tokenizer, settings, format, skip_invalid, process_index, process_count,
+                            id_limit, sink)
+      sink.commit()
+    except BaseException:
+      sink.abort()
+      raise
     buf = io.BytesIO()
     np.save(buf, part["offsets"], allow_pickle=False)
     storage.write_bytes(f"{name}.offsets.npy", buf.getvalue())
@@ -297,11 +403,110 @@ def load_or_tokenize(files: str | Sequence[str], tokenizer, cache_dir: str, *, f
     errors = sorted(tuple(m["error"]) for m in metas if m["error"])
     if errors:
       raise _error_from_message(errors[0][1])
-    if process_index == 0:
+    if process_index == 0:  # the key's completion marker (`remove_stale_keys` compares completed_at)
       storage.write_text(index_path, json.dumps({"parts": [f"part-{p:05d}-of-{process_count:05d}"
-                                                           for p in range(process_count)]}))
+                                                           for p in range(process_count)],
+                                                 "completed_at": time.time()}))
     barrier("artifex_data_cache_index", process_count)
-  return _load(folder, key, paths, tokenizer.pad_id, PreferenceDataset)
+  dataset = _load(folder, key, paths, tokenizer.pad_id, PreferenceDataset)
+  dataset.cache_key = key
+  return dataset
+
+
+_KEY_RE = re.compile(r"[0-9a-f]{20}")
+_TMP_AGE_S = 3600.0
+
+
+def _completed_at(folder: str) -> float | None:
+  """When a key was completed (its index.json's ``completed_at``, else the file's time); None if incomplete."""
+  index_path = storage.join(folder, "index.json")
+  try:
+    index = json.loads(storage.read_text(index_path))
+  except (FileNotFoundError, ValueError):
+    return None
+  if isinstance(index.get("completed_at"), (int, float)):
+    return float(index["completed_at"])
+  return _mtime(index_path)  # a cache from before completed_at
+
+
+def _mtime(path: str) -> float:
+  if not storage.is_remote(path):
+    return os.stat(path).st_mtime
+  fs, p = storage.filesystem(path)
+  updated = fs.info(p).get("updated")
+  try:
+    return datetime.datetime.fromisoformat(str(updated)).timestamp()
+  except ValueError:
+    return 0.0
+
+
+def remove_stale_keys(cache_dir: str, keep: Sequence[str], *, process_index: int = 0) -> list[str]:
+  """Deletes the tokenized caches of earlier keys in ``cache_dir``; call it once the keys in ``keep`` are loaded.
+
+  The rule (safe with many processes and with another job writing into the same folder):
+
+  * only process 0 deletes (the others return at once): no two processes race over the same files;
+  * ``keep`` (the keys this job reads, all complete: `load_or_tokenize` returned them) is never
+    touched, and nothing is deleted if one of them is not complete;
+  * a key without its completion marker (``index.json``) is never deleted: it may be being written
+    right now by another job pointed at the same workdir (or was cut short, and the next run with
+    that key completes it); remove such folders by hand once no job can be writing them;
+  * a complete key is deleted only if it was completed before the newest key in ``keep`` (this
+    run's data as of now): a key completed later belongs to a job that tokenized after this one
+    (newer data, maybe still being read), and stays;
+  * the deletion removes ``index.json`` first, so a deletion cut short leaves an incomplete key
+    that nobody reads (it is never mistaken for a complete one).
+
+  Two jobs sharing a workdir: the service holds the workdir lease (``lease.json``) for the whole
+  run, so no other run reads a complete key while this runs; a library user who runs concurrent
+  jobs on different data with one cache folder must not call this (or give each its own folder).
+  Locally, temporary files of a kept key older than an hour (a part writer killed mid-write; a live
+  writer touches its file every chunk) are removed too.
+
+  Returns:
+    The deleted keys (process 0), [] elsewhere.
+  """
+  if process_index != 0:
+    return []
+  try:
+    return _remove_stale_keys(cache_dir, set(keep))
+  except Exception as e:  # noqa: BLE001 - best effort: see the multi-host hazard below
+    log.warning("tokenized data: could not clean up %s: %s", cache_dir, e)
+    return []
+
+
+def _remove_stale_keys(cache_dir: str, keep: set[str]) -> list[str]:
+  kept = [_completed_at(storage.join(cache_dir, k)) for k in keep]
+  if not kept or any(t is None for t in kept):
+    return []
+  newest_kept = max(kept)
+  removed = []
+  for name in storage.listdir(cache_dir):
+    if name in keep or not _KEY_RE.fullmatch(name):
+      continue
+    folder = storage.join(cache_dir, name)
+    done = _completed_at(folder)
+    if done is None or done >= newest_kept:
+      continue
+    # Multi-host hazard: only process 0 gets here, and the others do not wait for it, so a failure must
+    # not stop it alone (the others would hang in the next collective): cleanup is best effort.
+    try:
+      storage.remove(storage.join(folder, "index.json"))
+      storage.remove(folder, recursive=True)
+    except Exception as e:  # noqa: BLE001 - OSError locally, gcsfs' HttpError etc. on a bucket
+      log.warning("tokenized data: could not remove the stale cache %s: %s", folder, e)
+      continue
+    removed.append(name)
+    log.info("tokenized data: removed the stale cache %s", folder)
+  if not storage.is_remote(cache_dir):
+    now = time.time()
+    for k in keep:
+      for name in storage.listdir(storage.join(cache_dir, k)):
+        path = storage.join(cache_dir, k, name)
+        if ".tmp-" in name and now - _mtime(path) > _TMP_AGE_S:
+          with contextlib.suppress(OSError):
+            os.remove(path)
+  return removed
 
 
 def _error_from_message(message: str) -> DataError:

@@ -56,6 +56,10 @@ def build_datasets(c, tokenizer, workdir: str,
     return unpaired_eval_split(train, c.data.eval_split, c.data.seed)
   cache_dir = storage.join(workdir, "data_cache")
   train = data_cache.load_or_tokenize(files, tokenizer, cache_dir, **kwargs)
-  if c.data.eval_files:
-    return train, data_cache.load_or_tokenize(c.data.eval_files, tokenizer, cache_dir, **kwargs)
+  evals = data_cache.load_or_tokenize(c.data.eval_files, tokenizer, cache_dir, **kwargs) if c.data.eval_files else None
+  # Earlier keys' caches go once every key this run reads is complete (process 0 only; rule in the function).
+  data_cache.remove_stale_keys(cache_dir, [d.cache_key for d in (train, evals) if d is not None],
+                               process_index=jax.process_index())
+  if evals is not None:
+    return train, evals
   return eval_split(train, c.data.eval_split, c.data.seed)  # the counters stay with the training part
