@@ -52,10 +52,13 @@ DOCS: dict[str, str] = {
     "data.pad_multiple": "pad each batch to a multiple of this many tokens (buckets; max_length caps it)",
     "data.packing": "pack whole pairs into rows of data.pack_length tokens (padding-free; segment ids keep them "
                     "apart); train.global_batch_size then counts rows, and the pairs per step vary",
-    "data.pack_batches": "lay each global batch's pairs out padding-free in as few rows of data.pack_length as "
-                         "possible (the same pairs per step as padded batches; ignored with data.packing)",
+    "data.pack_batches": "lay each global batch's pairs out padding-free in a fixed number of rows of "
+                         "data.pack_length (the same pairs per step and losses as padded batches; ignored with "
+                         "data.packing); unset: True for paired data, False (padded) for unpaired (KTO); False: "
+                         "padded batches",
     "data.share_prompt": "packed rows (data.packing or data.pack_batches) run each pair's prompt once, shared by "
-                         "chosen and rejected (same losses; fewer tokens to compute)",
+                         "chosen and rejected (same losses; fewer tokens to compute); unset: True with "
+                         "data.pack_batches, else False",
     "data.pack_length": "tokens per packed row; 0: 2 * data.max_length",
     "data.max_pairs_per_row": "most pairs in one packed row; 0: pack_length // 32",
     "data.shuffle": "shuffle the global order each epoch (a function of data.seed and the epoch)",
@@ -142,7 +145,7 @@ def default_config() -> ml_collections.ConfigDict:
                  scan_unroll=1, attention_block=128, attention_impl="auto")
   c.data = dict(train_files=placeholder(str), eval_files=placeholder(str), eval_split=0.1, format="auto",
                 tokenizer=placeholder(str), max_length=512, max_prompt_length=256, truncation_mode="keep_end",
-                pad_multiple=64, packing=False, pack_batches=False, share_prompt=False, pack_length=0, max_pairs_per_row=0, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
+                pad_multiple=64, packing=False, pack_batches=placeholder(bool), share_prompt=placeholder(bool), pack_length=0, max_pairs_per_row=0, shuffle=True, seed=0, skip_invalid=False, synthetic_pairs=1024)
   c.dpo = dict(beta=0.1, label_smoothing=0.0, reference_free=False, loss_type="", loss_weights="",
                logp_reduction="sum", simpo_gamma=0.0, rpo_alpha=placeholder(float), discopop_tau=0.05,
                logits_chunk_size=512, precompute_ref_logps=False, f_divergence_type="reverse_kl",
@@ -237,6 +240,13 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
               "optim.weight_decay",
               "optim.grad_clip_norm", "optim.learning_rate"):
     _positive(c, key, allow_zero=True)
+  if c.data.pack_batches is None or c.data.share_prompt is None:  # unset: the layout default, filled in here
+    from artifex_dpo.data.packing import resolve_layout
+    from artifex_dpo.losses import UNPAIRED_LOSSES
+
+    unpaired = any(t.strip() in UNPAIRED_LOSSES for t in (c.dpo.loss_type or "").split(","))
+    c.data.pack_batches, c.data.share_prompt = resolve_layout(c.data.pack_batches, c.data.share_prompt,
+                                                              c.data.packing, unpaired)
   if (c.data.packing or c.data.pack_batches) and c.data.pack_length and c.data.pack_length < 2 * c.data.max_length:
     raise ConfigError("data.pack_length", f"{c.data.pack_length} cannot hold a pair of two sequences of "
                                           f"data.max_length={c.data.max_length} (use >= {2 * c.data.max_length} or 0)")
