@@ -102,11 +102,20 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
                                     ref_dtype=c.model.ref_dtype if keep_ref else None, lora=lora,
                                     reference_is_base=not c.model.ref_hf_checkpoint)
   length = c.data.max_length
-  batch = state_lib.abstract_batch(mesh, c.train.global_batch_size, length)
+  layout = batch_layout(c, mesh)
   rows = 2  # sequences per batch entry through the policy: chosen + rejected
-  if dpo_cfg.unpaired:  # KTO: labelled completions (+ their KL rows)
+  if dpo_cfg.unpaired:  # KTO: labelled completions (+ their KL rows), padded
+    if layout["layout"] != "padded":
+      raise config_lib.ConfigError("data.pack_batches", "the AOT compile of unpaired (KTO) batches is padded only: "
+                                                        "set data.pack_batches=False")
     batch, rows = abstract_unpaired_batch(mesh, c.train.global_batch_size, length,
                                           with_kl="kto" in dpo_cfg.loss_types)
+  elif layout["layout"] == "padded":
+    batch = state_lib.abstract_batch(mesh, c.train.global_batch_size, length)
+  else:
+    batch = abstract_packed_batch(mesh, layout["rows_per_step"], layout["row_length"], layout["pairs_per_row"],
+                                  share_prompt=bool(c.data.share_prompt),
+                                  with_reference=dpo_cfg.needs_reference and not keep_ref)
   step = state_lib.jit_train_step(spec, dpo_cfg, batch, grad_accum_steps=c.train.grad_accum_steps)
   with_sharding = lambda tree, sh: jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
@@ -125,7 +134,8 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_device = float(cost.get("flops", 0.0))
   bytes_per_device = float(cost.get("bytes accessed", 0.0))
-  tokens = rows * c.train.global_batch_size * length
+  # The pairs' (examples') tokens at data.max_length (every layout holds them; data.packing: its rows' tokens).
+  tokens = layout["rows_per_step"] * layout["row_length"] if c.data.packing else rows * c.train.global_batch_size * length
   policy = 2.0 if lora is not None else 3.0  # LoRA: no gradient of the frozen base weights
   model_flops = tokens * forward_flops_per_token(mcfg, length) * (policy + (1.0 if keep_ref else 0.0))
   roofline = max(model_flops / (peak * len(devices)), flops_per_device / peak, bytes_per_device / bandwidth)
@@ -146,7 +156,63 @@ def compile_for_topology(c, topology: str, num_slices: int = 1) -> dict:
       "tokens_per_step": tokens,
       "roofline_step_s": roofline,
       "compile_s": round(compile_s, 1),
+      **layout,
   }
+
+
+def batch_layout(c, mesh) -> dict:
+  """The compiled batch shape: ``layout`` (padded | pack_batches | packing, ``+share_prompt``),
+  ``rows_per_step``, ``row_length`` and ``pairs_per_row`` (packed rows' slots; padded: 1).
+
+  ``data.pack_batches`` compiles `row_budget_bound` rows: the config's bound, which holds any
+  global batch, so the report is an upper bound for every data set (a run packs its own data into
+  at most that many rows). ``data.packing`` compiles ``train.global_batch_size`` rows.
+  """
+  from artifex_dpo import sharding
+  from artifex_dpo.data.packing import default_max_pairs_per_row, row_budget_bound
+
+  if not (c.data.packing or c.data.pack_batches):
+    return {"layout": "padded", "rows_per_step": 2 * c.train.global_batch_size, "row_length": c.data.max_length,
+            "pairs_per_row": 1}
+  row_length = c.data.pack_length or 2 * c.data.max_length
+  pairs_per_row = c.data.max_pairs_per_row or default_max_pairs_per_row(row_length)
+  if c.data.packing:
+    rows, name = c.train.global_batch_size, "packing"
+  else:  # as the loader (train.py): a multiple of the batch shards x grad_accum_steps, and of the hosts
+    hosts = len({getattr(d, "process_index", 0) for d in mesh.devices.flat})
+    multiple = max(1, sharding.batch_parallelism(mesh) // hosts) * c.train.grad_accum_steps * hosts
+    rows = row_budget_bound(c.train.global_batch_size, c.data.max_length, row_length, pairs_per_row, multiple)
+    name = "pack_batches"
+  return {"layout": name + ("+share_prompt" if c.data.share_prompt else ""), "rows_per_step": rows,
+          "row_length": row_length, "pairs_per_row": pairs_per_row}
+
+
+def abstract_packed_batch(mesh, rows: int, row_length: int, pairs_per_row: int, *, share_prompt: bool,
+                          with_reference: bool):
+  """A PackedPreferenceBatch of ShapeDtypeStructs sharded like the loader's packed batches.
+
+  Args:
+    mesh: the mesh (rows over its batch axes).
+    rows: packed rows per step.
+    row_length: tokens per row.
+    pairs_per_row: pair slots per row (``pair_mask``'s width).
+    share_prompt: the shared-prompt layout (``positions`` and ``prefix_ids`` come with it).
+    with_reference: precomputed reference log-probs ride along (``dpo.precompute_ref_logps``).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from artifex_dpo import sharding
+  from artifex_dpo.types import PackedPreferenceBatch
+
+  def arr(shape, dtype=jnp.int32):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+  tokens = (rows, row_length)
+  return PackedPreferenceBatch(
+      sequences=arr(tokens), segment_ids=arr(tokens), response_mask=arr(tokens), pair_mask=arr((rows, pairs_per_row)),
+      reference_sequence_log_probs=arr((rows, pairs_per_row, 2), jnp.float32) if with_reference else None,
+      positions=arr(tokens) if share_prompt else None, prefix_ids=arr(tokens) if share_prompt else None)
 
 
 def main(argv):

@@ -92,10 +92,12 @@ def keys() -> tuple[Key, ...]:
           "it)", bounds="> 0"),
       Key("data.packing", False, "pack whole pairs into rows of data.pack_length tokens (padding-free; segment "
           "ids keep them apart); train.global_batch_size then counts rows, and the pairs per step vary"),
-      Key("data.pack_batches", False, "lay each global batch's pairs out padding-free in as few rows of "
-          "data.pack_length as possible (the same pairs per step as padded batches; ignored with data.packing)"),
-      Key("data.share_prompt", False, "packed rows (data.packing or data.pack_batches) run each pair's prompt "
-          "once, shared by chosen and rejected (same losses; fewer tokens to compute)"),
+      Key("data.pack_batches", None, "lay each global batch's pairs out padding-free in a fixed number of rows of "
+          "data.pack_length (the same pairs per step and losses as padded batches; ignored with data.packing); "
+          "unset: True for paired data, False (padded) for unpaired (KTO); False: padded batches", value_type=bool),
+      Key("data.share_prompt", None, "packed rows (data.packing or data.pack_batches) run each pair's prompt "
+          "once, shared by chosen and rejected (same losses; fewer tokens to compute); unset: True with "
+          "data.pack_batches, else False", value_type=bool),
       Key("data.pack_length", 0, "tokens per packed row; 0: 2 * data.max_length", bounds=">= 0"),
       Key("data.max_pairs_per_row", 0, "most pairs in one packed row; 0: pack_length // 32", bounds=">= 0"),
       Key("data.shuffle", True, "shuffle the global order each epoch (a function of data.seed and the epoch)"),
@@ -241,6 +243,13 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
                                       f"got {c.model.preset!r}")
   if check_files:
     _check_files(c)
+  if c.data.pack_batches is None or c.data.share_prompt is None:  # unset: the layout default, filled in here
+    from artifex_dpo.data.packing import resolve_layout
+    from artifex_dpo.losses import UNPAIRED_LOSSES
+
+    unpaired = any(t.strip() in UNPAIRED_LOSSES for t in (c.dpo.loss_type or "").split(","))
+    c.data.pack_batches, c.data.share_prompt = resolve_layout(c.data.pack_batches, c.data.share_prompt,
+                                                              c.data.packing, unpaired)
   if (c.data.packing or c.data.pack_batches) and c.data.pack_length and c.data.pack_length < 2 * c.data.max_length:
     raise ConfigError("data.pack_length", f"{c.data.pack_length} cannot hold a pair of two sequences of "
                                           f"data.max_length={c.data.max_length} (use >= {2 * c.data.max_length} or 0)")

@@ -3,8 +3,9 @@
     python benchmarks/compare_peers.py [--workload=/tmp/wl] [--steps=12] [--tunix_python=PATH]
 
 Writes the workload with ``../shared/bench/make_workload.py`` if absent, then runs, one after the
-other on this machine: ours without packing (reference model in memory; padded batches, and the same
-batches laid out padding-free with ``data.pack_batches``, with and without ``data.share_prompt``),
+other on this machine: ours without data-set packing (reference model in memory): the default layout
+(``data.pack_batches`` + ``data.share_prompt``), padded batches (``data.pack_batches=False``) and packed rows
+without ``data.share_prompt``,
 ours with packing and precomputed reference log-probs (with and without ``data.share_prompt``), TRL's
 DPOTrainer (``peer_trl.py``) with its reference model and with ``PRECOMPUTE=1``, and Tunix
 (``peer_tunix.py``) when a Python with google-tunix is given; each peer with and without glibc malloc's
@@ -55,12 +56,13 @@ def main():
           f"--config.data.pad_multiple={a.pad_multiple}", "--config.model.scan_unroll=4"]
   cpu = {"JAX_PLATFORMS": "cpu"}
   packed = ["--workdir=/tmp/artifex-bench-packed", "--config.data.packing=True", "--config.dpo.precompute_ref_logps=True"]
-  results = {
-      "ours": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours"], cpu),
-      "ours_pack_batches": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours_pack_batches",
-                                       "--config.data.pack_batches=True"], cpu),
-      "ours_pack_batches_shared": run(ours + ["--workdir=/tmp/artifex-bench-default", "--config.data.pack_batches=True",
-                                              "--config.data.share_prompt=True", "--label=ours_pack_batches_shared"], cpu),
+  results = {  # the default layout first: per-batch packed rows with shared prompts
+      "ours_default": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours_default"], cpu),
+      "ours_padded": run(ours + ["--workdir=/tmp/artifex-bench-default", "--label=ours_padded",
+                                 "--config.data.pack_batches=False"], cpu),
+      "ours_pack_batches_unshared": run(ours + ["--workdir=/tmp/artifex-bench-default", "--config.data.pack_batches=True",
+                                                "--config.data.share_prompt=False",
+                                                "--label=ours_pack_batches_unshared"], cpu),
       "ours_packed_precomputed": run(ours + packed + ["--label=ours_packed_precomputed"], cpu),
       "ours_packed_precomputed_shared": run(ours + packed + ["--config.data.share_prompt=True",
                                                              "--label=ours_packed_precomputed_shared"], cpu),

@@ -29,7 +29,7 @@ SAME = ("loss", "loss/sigmoid", "loss/sft", "grad_norm", "rewards/chosen", "rewa
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("accum")
-  one = run_main(root / "one", *COMMON, "--config.train.eval_batch_size=8")
+  one = run_main(root / "one", *COMMON, "--config.data.pack_batches=False", "--config.train.eval_batch_size=8")
   assert one.returncode == 0, one.stderr[-3000:]
   packed = run_main(root / "packed", *COMMON, "--config.data.pack_batches=True", "--config.train.grad_accum_steps=2",
                     "--config.train.eval_batch_size=5")

@@ -48,3 +48,27 @@ def test_mesh_that_does_not_match_the_topology_exits_2():
   proc = _aot("--topology=v5e:2x2", "--config.mesh.ici.fsdp=3")
   assert proc.returncode == 2
   assert "mesh" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_default_compiles_packed_rows_at_the_config_budget_and_padded_stays_selectable():
+  """The default layout (per-batch packed, shared prompts) compiles `row_budget_bound` rows, the shape every
+  global batch fits; data.pack_batches=False compiles the padded batches."""
+  from artifex_dpo.data.packing import row_budget_bound
+
+  common = ("--topology=v5e:2x2", "--config.train.global_batch_size=8", "--config.data.max_length=64",
+            "--config.data.pack_length=256")
+  reports = {}
+  for name, extra in (("packed", ()), ("padded", ("--config.data.pack_batches=False",))):
+    proc = _aot(*common, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+  packed, padded = reports["packed"], reports["padded"]
+  assert packed["layout"] == "pack_batches+share_prompt"
+  # 2 pairs of 2 x 64 tokens always fit a 256-token row: 4 rows, a multiple of the 4 batch shards.
+  assert packed["rows_per_step"] == row_budget_bound(8, 64, 256, 8, row_multiple=4) == 4
+  assert (packed["row_length"], packed["pairs_per_row"]) == (256, 8)
+  assert (padded["layout"], padded["rows_per_step"], padded["row_length"]) == ("padded", 16, 64)
+  for r in (packed, padded):
+    assert r["fits"] is True and r["kernel_calls"] > 0 and r["tokens_per_step"] == 2 * 8 * 64
+  # Shared-prompt rows run the attention kernel in two passes.
+  assert packed["kernel_calls"] > padded["kernel_calls"]

@@ -44,7 +44,7 @@ def _cfg(**overrides):
     (dict(dpo__loss_type="ipo,sigmoid", dpo__loss_weights="1"), "dpo.loss_weights"),
     (dict(data__tokenizer="/nonexistent/tok.json"), "data.tokenizer"),
     (dict(model__hf_checkpoint="/nonexistent"), "model.hf_checkpoint"),
-    (dict(data__share_prompt=True), "data.share_prompt"),
+    (dict(data__pack_batches=False, data__share_prompt=True), "data.share_prompt"),  # padded rows share nothing
     (dict(model__attention_block=-1), "model.attention_block"),
     (dict(model__scan_unroll=0), "model.scan_unroll"),
 ])

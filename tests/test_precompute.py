@@ -14,9 +14,12 @@ def _losses(workdir):
   return train, evals[-1]
 
 
-@pytest.mark.parametrize("packing,share", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("packing,share", [(False, False), (False, None), (True, False), (True, True)])
 def test_precomputed_reference_gives_the_same_losses(tmp_path, packing, share):
-  extra = [f"--config.data.packing={packing}", f"--config.data.share_prompt={share}"]
+  # (False, False): padded batches; (False, None): the default layout (per-batch packed, shared prompts).
+  extra = [f"--config.data.packing={packing}"]
+  extra += ["--config.data.pack_batches=False"] if (packing, share) == (False, False) else []
+  extra += [f"--config.data.share_prompt={share}"] if share is not None else []
   live = run_main(tmp_path / "live", *ARGS, *extra)
   assert live.returncode == 0, live.stderr[-3000:]
   cached = run_main(tmp_path / "pre", *ARGS, *extra, "--config.dpo.precompute_ref_logps=True")
@@ -56,7 +59,7 @@ def test_cache_key_depends_on_data_and_weights():
 @pytest.mark.parametrize("share", [False, True])
 def test_pack_batches_gives_the_padded_losses(tmp_path, share):
   """Same pairs per step, laid out padding-free (the prompt once with share): the padded batches' losses."""
-  padded = run_main(tmp_path / "padded", *ARGS)
+  padded = run_main(tmp_path / "padded", *ARGS, "--config.data.pack_batches=False")
   assert padded.returncode == 0, padded.stderr[-3000:]
   packed = run_main(tmp_path / "packed", *ARGS, "--config.data.pack_batches=True",
                     f"--config.data.share_prompt={share}")

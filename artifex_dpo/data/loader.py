@@ -25,8 +25,8 @@ from artifex_dpo.data.batches import make_batch, pad_length
 from artifex_dpo.data.dataset import PreferenceDataset
 from artifex_dpo.data.errors import DataError
 from artifex_dpo.data.order import global_batch_indices, process_slice
-from artifex_dpo.data.packing import (PackingPlan, default_max_pairs_per_row, make_packed_batch, packed_lengths,
-                                     plan_packing)
+from artifex_dpo.data.packing import (PackingPlan, default_max_pairs_per_row, ffd_row_counts, make_packed_batch,
+                                     packed_lengths, plan_packing, round_up, row_budget_bound)
 
 
 class PreferenceLoader:
@@ -53,6 +53,9 @@ class PreferenceLoader:
     pack_batches: Lay each global batch's pairs out padding-free (the same pairs per step as
       without it).
     row_multiple: Packed rows per step are a multiple of this times the process count.
+    row_budget: Packed rows of every step with ``pack_batches`` (one shape, one compile). None: the
+      most rows any step ``0 .. num_steps - 1`` needs (rounded up to the row multiple), or without
+      ``num_steps`` the config's bound `row_budget_bound`, which holds any batch.
     share_prompt: Packed rows run each pair's prompt once (see `artifex_dpo.data.packing`).
       ``global_num_tokens`` still counts both sequences of every pair in full (what a trainer
       without prompt sharing processes); ``global_computed_tokens`` counts what the model runs.
@@ -79,6 +82,7 @@ class PreferenceLoader:
       pack_batches: bool = False,
       row_multiple: int = 1,
       share_prompt: bool = False,
+      row_budget: int | None = None,
   ):
     if len(dataset) == 0:
       raise DataError(None, None, "empty dataset")
@@ -108,6 +112,9 @@ class PreferenceLoader:
         self._row_length)
     self._row_multiple = max(1, int(row_multiple)) * self.process_count
     self.num_steps = num_steps
+    self.row_budget = None
+    if self.pack_batches:
+      self.row_budget = round_up(row_budget, self._row_multiple) if row_budget else self._run_row_budget()
     self._num_threads, self._prefetch = int(num_threads), int(prefetch)
     self._position = int(start_step)
     self._iter = None
@@ -153,16 +160,37 @@ class PreferenceLoader:
     batch["global_num_tokens"] = int(lengths.sum())
     return batch
 
-  def _load_packed_batch(self, g: np.ndarray) -> dict[str, Any]:
-    """The global batch's pairs packed (FFD) into the fewest rows; this process's share of the rows.
+  def _run_row_budget(self) -> int:
+    """The most packed rows a step of the run needs (steps ``0 .. num_steps - 1``), rounded up.
 
-    The row count is rounded up to a multiple of ``row_multiple`` x processes (so rows divide
-    over devices and processes); every process computes the same plan from the global batch.
+    Every process computes it from the per-pair lengths and the global order alone, so all agree;
+    it does not depend on the start step, so a resumed run compiles the same shape.
+    """
+    if self.num_steps is None:
+      return row_budget_bound(self.global_batch_size, self.max_length, self._row_length, self._max_pairs_per_row,
+                              self._row_multiple)
+    totals = packed_lengths(self.dataset.offsets, self.share_prompt).sum(axis=1)
+    most = 1
+    for start in range(0, int(self.num_steps), 1024):
+      steps = range(start, min(start + 1024, int(self.num_steps)))
+      indices = np.stack([self.global_indices(s) for s in steps])
+      most = max(most, int(ffd_row_counts(totals[indices], self._row_length, self._max_pairs_per_row).max()))
+    return round_up(most, self._row_multiple)
+
+  def _load_packed_batch(self, g: np.ndarray) -> dict[str, Any]:
+    """The global batch's pairs packed (FFD) into ``row_budget`` rows; this process's share of the rows.
+
+    Every step has the same number of rows (the budget, a multiple of ``row_multiple`` x
+    processes, so rows divide over devices and processes), filled up with empty rows; every
+    process computes the same plan from the global batch.
     """
     local_plan = plan_packing(packed_lengths(self.dataset.offsets[g], self.share_prompt), self._row_length,
                               self._max_pairs_per_row)
     plan = dataclasses.replace(local_plan, pair_indices=g[local_plan.pair_indices])
-    rows = -(-plan.num_rows // self._row_multiple) * self._row_multiple
+    rows = self.row_budget
+    if plan.num_rows > rows:
+      raise DataError("train.global_batch_size", None, f"the {len(g)} pairs of a step need {plan.num_rows} packed "
+                                                       f"rows, more than the row budget of {rows}")
     row_ids = np.where(np.arange(rows) < plan.num_rows, np.arange(rows), -1)
     per_process = rows // self.process_count
     mine = row_ids[self.process_index * per_process:(self.process_index + 1) * per_process]

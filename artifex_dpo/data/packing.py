@@ -341,3 +341,108 @@ def make_packed_batch(
       "num_pairs": num_pairs,
       **extra,
   }
+
+
+# --------------------------------------------------------------------------- the layout default and the row budget
+
+
+def resolve_layout(pack_batches: bool | None, share_prompt: bool | None, packing: bool,
+                   unpaired: bool) -> tuple[bool, bool]:
+  """The ``(data.pack_batches, data.share_prompt)`` a run uses; an explicit value is kept as given.
+
+  Unset (None), the fastest exact layout is chosen: paired data gets per-batch packed rows with
+  shared prompts (the same pairs per step and the same losses as padded batches); unpaired data
+  (KTO; ``apo_zero_unpaired`` has no packed layout) gets padded batches, and ``data.packing`` (whose
+  data-set plan the prompt sharing would change) no sharing. Packed KTO batches, when asked for,
+  share each example's prompt with its KL row.
+
+  Args:
+    pack_batches: ``data.pack_batches`` (None: unset).
+    share_prompt: ``data.share_prompt`` (None: unset).
+    packing: ``data.packing``.
+    unpaired: the loss takes unpaired examples (``DPOConfig.unpaired``).
+
+  Returns:
+    The two settings as booleans.
+  """
+  if pack_batches is None:
+    pack_batches = not unpaired and not packing
+  if share_prompt is None:
+    share_prompt = bool(pack_batches) and not packing
+  return bool(pack_batches), bool(share_prompt)
+
+
+def guaranteed_pairs_per_row(max_length: int, row_length: int, max_pairs_per_row: int) -> int:
+  """Pairs that first-fit packing puts in every row before it opens another, whatever the pairs.
+
+  A pair takes at most ``2 * max_length`` tokens (either layout: shared, ``P + C + R + 1 <=
+  2 * max_length``), so ``m = row_length // (2 * max_length)`` of any pairs fit in one row. A row
+  holding fewer than ``min(m, max_pairs_per_row)`` pairs has room for any further pair, so first
+  fit opens a new row only when every open row holds at least that many.
+  """
+  return max(1, min(int(max_pairs_per_row), int(row_length) // (2 * int(max_length))))
+
+
+def round_up(rows: int, multiple: int) -> int:
+  """``rows`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
+  multiple = max(1, int(multiple))
+  return max(1, -(-int(rows) // multiple)) * multiple
+
+
+def row_budget_bound(global_batch_size: int, max_length: int, row_length: int, max_pairs_per_row: int,
+                     row_multiple: int) -> int:
+  """Rows per step that hold ANY global batch (``data.pack_batches``), from the config alone.
+
+  ``ceil(global_batch_size / guaranteed_pairs_per_row)`` rounded up to ``row_multiple`` (the
+  batch shards x ``train.grad_accum_steps``): what the AOT compile uses, since it has no data. It
+  is the worst case (every pair ``2 * max_length`` tokens), the same tokens as padded batches at
+  ``max_length``; a run's own budget (`ffd_row_counts` over its steps) is at most this.
+
+  Args:
+    global_batch_size: ``train.global_batch_size`` (pairs).
+    max_length: ``data.max_length``.
+    row_length: tokens per row (``data.pack_length``, or ``2 * max_length``).
+    max_pairs_per_row: ``data.max_pairs_per_row`` (or its default).
+    row_multiple: rows per step are a multiple of this.
+  """
+  per_row = guaranteed_pairs_per_row(max_length, row_length, max_pairs_per_row)
+  return round_up(-(-int(global_batch_size) // per_row), row_multiple)
+
+
+def ffd_row_counts(totals: np.ndarray, row_length: int, max_pairs_per_row: int) -> np.ndarray:
+  """Rows `plan_packing` opens for each of many batches at once (vectorised over the batches).
+
+  First fit decreasing, as `plan_packing`: each pair, largest first, goes into the lowest-numbered
+  row with room for its tokens and fewer than ``max_pairs_per_row`` pairs (a new row has both), so
+  the count is the plan's ``num_rows`` (ties between equal totals do not change it).
+
+  Args:
+    totals: int ``[S, B]``: the tokens of each pair (``packed_lengths(...).sum(1)``) of S batches.
+    row_length: tokens per row.
+    max_pairs_per_row: cap on pairs per row.
+
+  Returns:
+    int64 ``[S]``.
+
+  Raises:
+    DataError: A pair longer than a row.
+  """
+  sizes = -np.sort(-np.asarray(totals, np.int64).reshape(len(totals), -1), axis=1)
+  s_count, b = sizes.shape
+  if b and sizes.size and sizes[:, 0].max() > row_length:
+    raise DataError("data.max_length", None, f"a pair has {int(sizes[:, 0].max())} tokens, more than the packed "
+                                             f"row length {row_length}")
+  room = np.full((s_count, 1), int(row_length), np.int64)
+  count = np.zeros((s_count, 1), np.int64)
+  opened = np.zeros(s_count, np.int64)
+  every = np.arange(s_count)
+  for k in range(b):
+    if s_count and opened.max() == room.shape[1]:  # keep one never-opened row (room for anything) per batch
+      room = np.concatenate([room, np.full((s_count, room.shape[1]), int(row_length), np.int64)], axis=1)
+      count = np.concatenate([count, np.zeros_like(count)], axis=1)
+    size = sizes[:, k]
+    row = ((room >= size[:, None]) & (count < max_pairs_per_row)).argmax(axis=1)
+    room[every, row] -= size
+    count[every, row] += 1
+    opened = np.maximum(opened, row + 1)
+  return opened
