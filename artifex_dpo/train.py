@@ -179,6 +179,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
   if c.data.packing:
     logging.info("packing: %d pairs in %d rows of %d tokens (%.1f%% real tokens)", len(setup.train_ds),
                  loader.plan.num_rows, loader.plan.row_length, 100 * loader.plan.fill)
+  elif getattr(loader, "row_budget", None):  # data.pack_batches: one row count for every step (one compile)
+    logging.info("pack_batches: %d rows of %d tokens per step (the most this run's steps need)", loader.row_budget,
+                 c.data.pack_length or 2 * c.data.max_length)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   peak, peak_source = metrics_lib.device_peak_flops()
   logging.info("MFU peak: %.3g FLOP/s per device (%s), %d devices", peak, peak_source, jax.device_count())
