@@ -8,6 +8,7 @@ JSON-encoded objects (UTF-8 bytes).
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import json
 import os
@@ -229,25 +230,54 @@ def _read_parquet(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _read_array_record(path: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+  """An ArrayRecord file, local or on a bucket (``gs://``), read in chunks of records.
+
+  The ArrayRecord reader (``array_record`` 0.8) opens local paths only (no file object, no
+  ``gs://``), so a file on a bucket is streamed once into a local temporary file (`storage.local_file`),
+  read from there, and deleted when the reading ends. With the tokenize-once cache
+  (``data/cache.py``) that happens at the first pass only: a restart reads the cache, not the file.
+  A process cannot usefully fetch only its records by byte range: ArrayRecord compresses records in
+  groups (``group_size``, 65536 by default), and the cache deals records out in chunks of 1024, so
+  every group holds records of every process.
+  """
   from array_record.python import array_record_module
 
-  if _is_uri(path):
-    raise DataError(path, None, "ArrayRecord files must be on a local or mounted file system")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise DataError(path, None, "cannot open: no such file")
-  try:
-    reader = array_record_module.ArrayRecordReader(path)
-  except Exception as e:  # The C++ binding raises RuntimeError / ValueError.
-    raise DataError(path, None, f"cannot read ArrayRecord: {e}") from None
-  try:
+  with contextlib.ExitStack() as stack:
+    try:
+      local = stack.enter_context(storage.local_file(path))
+    except OSError as e:
+      raise DataError(path, None, f"cannot download: {e.strerror or e}") from None
+    try:
+      reader = array_record_module.ArrayRecordReader(local)
+    except Exception as e:  # The C++ binding raises RuntimeError / ValueError.
+      raise DataError(path, None, f"cannot read ArrayRecord: {_clean(e, local, path)}") from None
+    if not reader.ok():  # e.g. not an ArrayRecord file: the reason comes out of close()
+      try:
+        reader.close()
+        reason = "not an ArrayRecord file"
+      except Exception as e:  # noqa: BLE001 - the binding's RuntimeError
+        reason = _clean(e, local, path)
+      raise DataError(path, None, f"cannot read ArrayRecord: {reason}")
+    stack.callback(_close_quietly, reader)
     total = reader.num_records()
     for start in range(0, total, _ARRAY_RECORD_CHUNK):
       stop = min(start + _ARRAY_RECORD_CHUNK, total)
       try:
         chunk = reader.read(start, stop)
       except Exception as e:  # Corrupt chunk.
-        raise DataError(path, start + 1, f"cannot read ArrayRecord: {e}") from None
+        raise DataError(path, start + 1, f"cannot read ArrayRecord: {_clean(e, local, path)}") from None
       for offset, raw in enumerate(chunk):
         yield start + offset + 1, _parse_or_error(path, start + offset + 1, raw)
-  finally:
+
+
+def _close_quietly(reader) -> None:
+  """Closes a reader without masking the error that stopped the reading (if any)."""
+  with contextlib.suppress(Exception):
     reader.close()
+
+
+def _clean(error: Exception, local: str, path: str) -> str:
+  """The reader's message on one line, naming the file as the user gave it (not the temporary copy)."""
+  return " ".join(str(error).replace(local, path).split())
