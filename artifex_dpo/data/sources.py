@@ -236,9 +236,8 @@ def _read_array_record(path: str) -> Iterator[tuple[int, dict[str, Any] | DataEr
   ``gs://``), so a file on a bucket is streamed once into a local temporary file (`storage.local_file`),
   read from there, and deleted when the reading ends. With the tokenize-once cache
   (``data/cache.py``) that happens at the first pass only: a restart reads the cache, not the file.
-  A process cannot usefully fetch only its records by byte range: ArrayRecord compresses records in
-  groups (``group_size``, 65536 by default), and the cache deals records out in chunks of 1024, so
-  every group holds records of every process.
+  A process cannot fetch only its records by byte range: the reader takes neither a file object nor
+  a ``gs://`` path and tells no record's byte offsets (the index is in the file's compressed footer).
   """
   from array_record.python import array_record_module
 
