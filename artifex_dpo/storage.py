@@ -270,6 +270,43 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
+def staged_write(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+  """A local temporary path to write ``path`` through, for writers that need a local (seekable) file.
+
+  When the context exits normally the file becomes ``path`` atomically: locally renamed over it
+  (in the same folder), on a bucket uploaded in one streamed upload (the object appears only when
+  complete). On an error the temporary file is deleted and ``path`` is left as it was.
+
+  Args:
+    path: The target, a local path or a ``scheme://`` URI.
+    suffix: The temporary file's suffix (default: the target's extension).
+
+  Yields:
+    The local path to write.
+  """
+  path = str(path)
+  import tempfile
+
+  if is_remote(path):
+    folder = None
+  else:
+    folder = os.path.dirname(os.path.abspath(path))
+    makedirs(folder)
+  fd, tmp = tempfile.mkstemp(prefix=".artifex-", suffix=suffix or posixpath.splitext(path)[1], dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    if folder is not None:
+      os.replace(tmp, path)
+    else:
+      fs, p = filesystem(path)
+      fs.put_file(tmp, p)
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
 def local_file(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
   """A local path holding the file's bytes, for libraries that only open local files.
 
