@@ -117,3 +117,59 @@ def test_bucket_file_errors_name_the_object(gcs_emulator, tmp_path, private_tmp)
   with pytest.raises(DataError, match=f"^{empty}: empty file"):
     list(read_records_lenient(empty))
   assert os.listdir(private_tmp) == []
+
+
+def test_two_processes_each_read_and_parse_only_their_records(gcs_emulator, tmp_path, private_tmp, monkeypatch):
+  import threading
+
+  from artifex_dpo.data import sources
+
+  records = synthetic_records(30, seed=6)
+  payloads = [json.dumps(r).encode() for r in records]
+  payloads[3] = b"{not json"  # process 0's chunk (records 1-4)
+  payloads[5] = b'"a string"'  # process 1's chunk (records 5-8)
+  local = _write(tmp_path / "train.array_record", payloads, group_size=1)
+  uri = _upload(local, storage.join(gcs_emulator.fresh("ar"), "train.array_record"))
+  tok = load_tokenizer("byte")
+  expected = PreferenceDataset.from_files(local, tok, skip_invalid=True, **KW)
+  parsed, read = [], []
+  real_parse, real_reader = sources._parse_or_error, array_record_module.ArrayRecordReader
+
+  class CountingReader:
+    def __init__(self, *a, **k):
+      self._reader = real_reader(*a, **k)
+
+    def read(self, *a):
+      out = self._reader.read(*a)
+      read.append(len(out))
+      return out
+
+    def __getattr__(self, name):
+      return getattr(self._reader, name)
+
+  monkeypatch.setattr(sources, "_parse_or_error", lambda *a: parsed.append(a[1]) or real_parse(*a))
+  monkeypatch.setattr(array_record_module, "ArrayRecordReader", CountingReader)
+  monkeypatch.setattr(sources, "_ARRAY_RECORD_CHUNK", 4)  # windows of the cache's chunk size
+  gate = threading.Barrier(2, timeout=60)
+  monkeypatch.setattr(cache, "barrier", lambda name, n: gate.wait())
+  monkeypatch.setattr(cache, "CHUNK", 4)
+  out, cache_dir = [None, None], gcs_emulator.fresh("cache")
+
+  def run(p):
+    out[p] = cache.load_or_tokenize(uri, tok, cache_dir, process_index=p,
+                                    process_count=2, skip_invalid=True, **KW)
+
+  threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  a, b = out
+  assert _pairs(a) == _pairs(b) == _pairs(expected)
+  for name in PreferenceDataset.COUNTERS:
+    assert getattr(a, name) == getattr(expected, name), name
+  assert a.skipped_messages[0] == f"{uri}:4: malformed JSON: Expecting property name enclosed in double quotes " \
+                                  "(column 2)"
+  assert sorted(parsed) == list(range(1, 31))  # each record parsed once, by one of the two processes
+  assert sum(read) == 30  # and read (decompressed) once
+  assert os.listdir(private_tmp) == []
