@@ -69,7 +69,8 @@ def test_a_cached_dataset_saves_and_loads_the_same_pairs_counters_and_fingerprin
   # Read range by range, a block of 8 pairs at a time: never the whole buffer, never token by token.
   assert len(ds.tokens.reads) == -(-len(ds) // 8) and max(ds.tokens.reads) < len(ds.tokens) // 4
   loaded = PreferenceDataset.load(path)
-  assert isinstance(loaded.tokens, np.ndarray) and len(loaded.tokens) == int((ds.offsets[:, 3] - ds.offsets[:, 0]).sum())
+  assert isinstance(loaded.tokens, np.ndarray)
+  assert len(loaded.tokens) == int((ds.offsets[:, 3] - ds.offsets[:, 0]).sum())
   assert _pairs(loaded) == _pairs(plain)
   assert loaded.fingerprint() == ds.fingerprint()
   for name in PreferenceDataset.COUNTERS:
