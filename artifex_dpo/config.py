@@ -322,7 +322,7 @@ def _check_files(c: ml_collections.ConfigDict) -> None:
   _check_globs("data.train_files", c.data.train_files)
   _check_globs("data.eval_files", c.data.eval_files)
   tok = c.data.tokenizer
-  if tok and tok != "byte" and not os.path.exists(tok):
+  if tok and tok != "byte" and "://" not in tok and not os.path.exists(tok):  # object stores: checked when read
     raise ConfigError("data.tokenizer", f"{tok!r} does not exist")
   if not tok and not c.model.hf_checkpoint:
     raise ConfigError("data.tokenizer", "unset, and no model.hf_checkpoint to take one from (use 'byte' for the "

@@ -270,16 +270,73 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
+def staged_write(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+  """A local temporary path to write ``path`` through, for writers that need a local (seekable) file.
+
+  When the context exits normally the file becomes ``path`` atomically: locally renamed over it
+  (in the same folder), on a bucket uploaded in one streamed upload (the object appears only when
+  complete). On an error the temporary file is deleted and ``path`` is left as it was.
+
+  Args:
+    path: The target, a local path or a ``scheme://`` URI.
+    suffix: The temporary file's suffix (default: the target's extension).
+
+  Yields:
+    The local path to write.
+  """
+  path = str(path)
+  import tempfile
+
+  if is_remote(path):
+    folder = None
+  else:
+    folder = os.path.dirname(os.path.abspath(path))
+    makedirs(folder)
+  fd, tmp = tempfile.mkstemp(prefix=".artifex-", suffix=suffix or posixpath.splitext(path)[1], dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    if folder is not None:
+      os.replace(tmp, path)
+    else:
+      fs, p = filesystem(path)
+      fs.put_file(tmp, p)
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
 def local_file(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
-  """A local path holding the file's bytes (the path itself when local; a temp copy otherwise),
-  for libraries that only open local files."""
+  """A local path holding the file's bytes, for libraries that only open local files.
+
+  A local path is yielded as is. A remote file is streamed (never held whole in memory) into a
+  private temporary file under ``tempfile.gettempdir()`` (``TMPDIR``), which is deleted when the
+  context exits, also on an error or a download cut short.
+
+  Args:
+    path: A local path or a ``scheme://`` URI.
+    suffix: The temporary file's suffix (default: the path's extension).
+
+  Yields:
+    The local path.
+
+  Raises:
+    FileNotFoundError: No such file.
+    OSError: The download failed (e.g. the local disk is full).
+  """
   path = str(path)
   if not is_remote(path):
     yield path
     return
   import tempfile
 
-  with tempfile.NamedTemporaryFile(suffix=suffix or os.path.splitext(path)[1]) as f:
-    f.write(read_bytes(path))
-    f.flush()
-    yield f.name
+  fs, p = filesystem(path)
+  fd, tmp = tempfile.mkstemp(prefix="artifex-", suffix=suffix or posixpath.splitext(path)[1])
+  os.close(fd)
+  try:
+    fs.get_file(p, tmp)
+    yield tmp
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)

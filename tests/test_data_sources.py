@@ -108,6 +108,16 @@ def test_array_record_bad_record(tmp_path):
   assert str(lenient[2][1]).endswith("d.array_record:3: expected a JSON object, got an array")
 
 
+def test_array_record_that_is_not_one_names_the_file(tmp_path):
+  pytest.importorskip("array_record.python.array_record_module")
+  junk = tmp_path / "junk.array_record"
+  junk.write_bytes(b"this is not an ArrayRecord file")
+  with pytest.raises(DataError, match=f"^{junk}: cannot read ArrayRecord: .*64KB"):
+    list(read_records(str(junk)))
+  with pytest.raises(DataError, match=f"^{tmp_path}/missing.array_record: cannot open: no such file$"):
+    list(read_records(str(tmp_path / "missing.array_record")))
+
+
 @pytest.mark.parametrize(
     "lines, line_no, message",
     [

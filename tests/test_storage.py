@@ -150,3 +150,44 @@ def test_workdir_lease_compare_and_swap_has_one_winner(root):
   assert backend.read()[0]["pid"] == os.getpid()
   lease.release()
   assert backend.read() is None
+
+
+def test_config_validation_takes_inputs_on_a_bucket(tmp_path):
+  """Every input may be a ``gs://`` path (checked when read, not by the config check); local ones are checked."""
+  from artifex_dpo import config as config_lib
+
+  c = config_lib.default_config()
+  c.model.hf_checkpoint = "gs://b/models/llama"
+  c.data.train_files = "gs://b/data/*.array_record"
+  c.data.eval_files = "gs://b/data/eval.jsonl"
+  c.data.tokenizer = "gs://b/models/llama"
+  config_lib.validate(c)
+  c.data.tokenizer = str(tmp_path / "missing")
+  with pytest.raises(config_lib.ConfigError, match="config key data.tokenizer: .*does not exist"):
+    config_lib.validate(c)
+
+
+def test_staged_write_and_local_file(root, tmp_path, monkeypatch):
+  """A local temporary file to write a target through (atomic) and to read a remote file from; none is left."""
+  import tempfile
+
+  tmp_dir = tmp_path / "tmp"
+  tmp_dir.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_dir))
+  target = storage.join(root, "d", "x.bin")
+  with storage.staged_write(target) as local:
+    with open(local, "wb") as f:
+      f.write(b"first")
+    assert not storage.exists(target)  # nothing visible before the end
+  assert storage.read_bytes(target) == b"first"
+  with pytest.raises(RuntimeError, match="cut short"):
+    with storage.staged_write(target) as local:
+      with open(local, "wb") as f:
+        f.write(b"half")
+      raise RuntimeError("cut short")
+  assert storage.read_bytes(target) == b"first"  # the earlier file, untouched
+  with storage.local_file(target) as local:
+    assert not storage.is_remote(local)
+    with open(local, "rb") as f:
+      assert f.read() == b"first"
+  assert os.listdir(tmp_dir) == [] and [n for n in storage.listdir(storage.join(root, "d"))] == ["x.bin"]

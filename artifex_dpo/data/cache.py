@@ -45,7 +45,8 @@ import numpy as np
 from artifex_dpo import storage
 from artifex_dpo.data.errors import DataError
 from artifex_dpo.data.formats import PairTexts, TruncationSettings, parse_record, tokenize_pairs, truncate_pair
-from artifex_dpo.data.sources import _open_binary, _parse_or_error, detect_format, expand_files, read_records_lenient
+from artifex_dpo.data.sources import (_open_binary, _parse_or_error, detect_format, expand_files,
+                                      read_array_record_lenient, read_records_lenient)
 
 CHUNK = 1024  # records per unit of work
 _MAX_REPORTED = 10
@@ -194,8 +195,10 @@ def _lenient_records(path: str, format: str | None, wanted):
   ``wanted`` is called once per record, in order. JSON Lines (and ``.json`` holding JSON Lines) are
   split into lines here and only the wanted ones are parsed: with P processes each parses ~1/P of
   the records instead of all of them. Line numbers, blank-line skipping, the byte order mark, the
-  per-record errors and the empty-file error are `sources._read_jsonl`'s. Other formats are read
-  (and parsed) whole by `read_records_lenient`.
+  per-record errors and the empty-file error are `sources._read_jsonl`'s. ArrayRecord files are read
+  (decompressed and parsed) only at the wanted records (`sources.read_array_record_lenient`; from a
+  bucket the file is still copied whole first). Other formats are read (and parsed) whole by
+  `read_records_lenient`.
   """
   fmt = detect_format(path, format)
   if fmt == "json":
@@ -203,6 +206,9 @@ def _lenient_records(path: str, format: str | None, wanted):
       head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head.startswith(b"["):
       fmt = "jsonl"
+  if fmt == "array_record":  # reads (decompresses, parses) only the wanted records
+    yield from read_array_record_lenient(path, wanted)
+    return
   if fmt != "jsonl":
     for line, record in read_records_lenient(path, format):
       yield line, (record if wanted() else None)

@@ -28,6 +28,7 @@ from artifex_dpo.data.sources import expand_files, read_records_lenient
 from artifex_dpo.data.tokenizer import Tokenizer
 
 _CHUNK = 1024
+_SAVE_PAIRS = 4096  # pairs read and written at a time by `save`
 _MAX_REPORTED = 10
 
 log = logging.getLogger(__name__)
@@ -251,21 +252,73 @@ class PreferenceDataset:
     return h.hexdigest()[:16]
 
   def save(self, path: str) -> None:
-    """Saves the dataset (tokens, offsets, counters) as an ``.npz`` cache."""
-    with open(path, "wb") as f:
-      np.savez(
-          f,
-          tokens=self.tokens,
-          offsets=self.offsets,
-          meta=np.asarray([self.pad_id, self.num_skipped_invalid, self.num_dropped_truncated]),
-      )
+    """Saves the dataset as an ``.npz`` file (tokens, offsets, counters, fingerprint), atomically.
+
+    Only the pairs' own tokens are written, compacted in pair order, and read range by range: a
+    dataset from the tokenize-once cache (tokens read on demand, maybe from a bucket), or a subset
+    of one, is never materialised whole in memory; the file is streamed. ``load`` gives back the
+    same pairs, counters and `fingerprint`.
+
+    Args:
+      path: A local path or a ``gs://`` URI (written through a local temporary file, then renamed
+        or uploaded: the target is complete or absent, never half-written).
+    """
+    import zipfile
+
+    from artifex_dpo import storage
+
+    o = self.offsets
+    sizes = o[:, 3] - o[:, 0]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    counters = np.asarray([self.pad_id] + [int(getattr(self, name)) for name in self.COUNTERS], np.int64)
+    arrays = {
+        "offsets": o - o[:, :1] + starts[:, None],
+        "meta": counters,
+        "fingerprint": np.asarray(self.fingerprint()),
+        "skipped_messages": np.asarray(self.skipped_messages, dtype=str),
+    }
+    with storage.staged_write(path, suffix=".npz") as tmp:
+      with zipfile.ZipFile(tmp, "w", allowZip64=True) as z:
+        for name, array in arrays.items():
+          with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, array, allow_pickle=False)
+        with z.open("tokens.npy", "w", force_zip64=True) as f:
+          total = int(sizes.sum())
+          np.lib.format.write_array_header_2_0(
+              f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False,
+                  "shape": (total,)})
+          for a in range(0, len(o), _SAVE_PAIRS):  # a block of pairs at a time
+            block_sizes = sizes[a:a + _SAVE_PAIRS]
+            count = int(block_sizes.sum())
+            block_starts = np.concatenate([[0], np.cumsum(block_sizes)[:-1]]).astype(np.int64)
+            gather = np.repeat(o[a:a + _SAVE_PAIRS, 0] - block_starts, block_sizes) + np.arange(count, dtype=np.int64)
+            f.write(np.ascontiguousarray(self.tokens[gather], np.int32).tobytes())
 
   @classmethod
   def load(cls, path: str) -> PreferenceDataset:
-    """Loads a dataset written by `save` (no pickle)."""
-    with np.load(path, allow_pickle=False) as z:
-      pad_id, skipped, dropped = (int(x) for x in z["meta"])
-      return cls(z["tokens"], z["offsets"], pad_id, skipped, dropped)
+    """Loads a dataset written by `save` (no pickle), from a local path or a ``gs://`` URI.
+
+    Raises:
+      DataError: Not a dataset file (names the file).
+    """
+    import zipfile
+
+    from artifex_dpo import storage
+
+    try:
+      with storage.local_file(path) as local, np.load(local, allow_pickle=False) as z:
+        meta = [int(x) for x in z["meta"]]
+        dataset = cls(z["tokens"], z["offsets"], meta[0], meta[1], meta[2],
+                      skipped_messages=[str(m) for m in z["skipped_messages"]] if "skipped_messages" in z else ())
+        for name, value in zip(cls.COUNTERS[2:], meta[3:]):
+          setattr(dataset, name, value)
+        if "fingerprint" in z:
+          dataset._fingerprint = str(z["fingerprint"].reshape(-1)[0])
+    except FileNotFoundError:
+      raise DataError(path, None, "cannot open: no such file") from None
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as e:
+      raise DataError(path, None, f"not a saved preference dataset: {' '.join(str(e).split())}") from None
+    return dataset
 
 
 def _digest(base: str, array: np.ndarray) -> str:

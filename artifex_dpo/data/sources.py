@@ -8,10 +8,11 @@ JSON-encoded objects (UTF-8 bytes).
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from artifex_dpo import storage
@@ -228,26 +229,86 @@ def _read_parquet(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     raise DataError(path, row + 1, f"cannot read Parquet: {e}") from None
 
 
-def _read_array_record(path: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+def read_array_record_lenient(
+    path: str, wanted: Callable[[], bool] | None = None
+) -> Iterator[tuple[int, dict[str, Any] | DataError | None]]:
+  """`read_records_lenient` for one ArrayRecord file, reading (decompressing, parsing) only wanted records.
+
+  Args:
+    path: The file (local or ``gs://``).
+    wanted: Called once per record, in order; a record for which it is False is yielded as None,
+      neither read nor parsed (the tokenize-once cache: each process reads only its chunks). None:
+      every record.
+
+  Yields:
+    (record number from 1, record dict, its `DataError`, or None when not wanted).
+
+  Raises:
+    DataError: The file cannot be read or holds no records.
+  """
+  count = 0
+  for item in _read_array_record(path, wanted):
+    count += 1
+    yield item
+  if count == 0:
+    raise DataError(path, None, "empty file (no records)")
+
+
+def _read_array_record(
+    path: str, wanted: Callable[[], bool] | None = None
+) -> Iterator[tuple[int, dict[str, Any] | DataError | None]]:
+  """An ArrayRecord file, local or on a bucket (``gs://``), read in runs of records (see `read_array_record_lenient`).
+
+  The ArrayRecord reader (``array_record`` 0.8) opens local paths only (no file object, no
+  ``gs://``), so a file on a bucket is streamed once into a local temporary file (`storage.local_file`),
+  read from there, and deleted when the reading ends. With the tokenize-once cache
+  (``data/cache.py``) that happens at the first pass only: a restart reads the cache, not the file.
+  A process cannot fetch only its records by byte range: the reader takes neither a file object nor
+  a ``gs://`` path and tells no record's byte offsets (the index is in the file's compressed footer).
+  """
   from array_record.python import array_record_module
 
-  if _is_uri(path):
-    raise DataError(path, None, "ArrayRecord files must be on a local or mounted file system")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise DataError(path, None, "cannot open: no such file")
-  try:
-    reader = array_record_module.ArrayRecordReader(path)
-  except Exception as e:  # The C++ binding raises RuntimeError / ValueError.
-    raise DataError(path, None, f"cannot read ArrayRecord: {e}") from None
-  try:
-    total = reader.num_records()
-    for start in range(0, total, _ARRAY_RECORD_CHUNK):
-      stop = min(start + _ARRAY_RECORD_CHUNK, total)
+  with contextlib.ExitStack() as stack:
+    try:
+      local = stack.enter_context(storage.local_file(path))
+    except OSError as e:
+      raise DataError(path, None, f"cannot download: {e.strerror or e}") from None
+    try:
+      reader = array_record_module.ArrayRecordReader(local)
+    except Exception as e:  # The C++ binding raises RuntimeError / ValueError.
+      raise DataError(path, None, f"cannot read ArrayRecord: {_clean(e, local, path)}") from None
+    if not reader.ok():  # e.g. not an ArrayRecord file: the reason comes out of close()
       try:
-        chunk = reader.read(start, stop)
-      except Exception as e:  # Corrupt chunk.
-        raise DataError(path, start + 1, f"cannot read ArrayRecord: {e}") from None
-      for offset, raw in enumerate(chunk):
-        yield start + offset + 1, _parse_or_error(path, start + offset + 1, raw)
-  finally:
+        reader.close()
+        reason = "not an ArrayRecord file"
+      except Exception as e:  # noqa: BLE001 - the binding's RuntimeError
+        reason = _clean(e, local, path)
+      raise DataError(path, None, f"cannot read ArrayRecord: {reason}")
+    stack.callback(_close_quietly, reader)
+    total = reader.num_records()
+    window_start, window = 0, []  # the records read last: [window_start, window_start + len(window))
+    for i in range(total):
+      # ``wanted`` is asked record by record, as the record is yielded (the cache counts records by it).
+      if wanted is not None and not wanted():
+        yield i + 1, None
+        continue
+      if not window_start <= i < window_start + len(window):
+        stop = min(i + _ARRAY_RECORD_CHUNK, total)
+        try:
+          window_start, window = i, reader.read(i, stop)
+        except Exception as e:  # Corrupt chunk.
+          raise DataError(path, i + 1, f"cannot read ArrayRecord: {_clean(e, local, path)}") from None
+      yield i + 1, _parse_or_error(path, i + 1, window[i - window_start])
+
+
+def _close_quietly(reader) -> None:
+  """Closes a reader without masking the error that stopped the reading (if any)."""
+  with contextlib.suppress(Exception):
     reader.close()
+
+
+def _clean(error: Exception, local: str, path: str) -> str:
+  """The reader's message on one line, naming the file as the user gave it (not the temporary copy)."""
+  return " ".join(str(error).replace(local, path).split())
