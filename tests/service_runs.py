@@ -87,7 +87,14 @@ def stop_with_sigterm(workdir, procs, steps, after=5):
   return stopped
 
 
-def assert_identical(a_dir, b_dir, steps, export_file="model.safetensors"):
+def exported_tensors(workdir) -> dict[str, np.ndarray]:
+  """Every tensor of the run's export: the safetensors files of ``export/`` (one, or one per writing host)."""
+  files = sorted((Path(workdir) / "export").glob("*.safetensors"))
+  assert files, f"no safetensors in {workdir}/export"
+  return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def assert_identical(a_dir, b_dir, steps):
   """Two runs logged the same steps 1..steps with bitwise equal metrics and evals, and exported equal weights."""
   a, a_eval = final_rows(a_dir)
   b, b_eval = final_rows(b_dir)
@@ -98,7 +105,7 @@ def assert_identical(a_dir, b_dir, steps, export_file="model.safetensors"):
   assert a_eval.keys() == b_eval.keys()
   for s in a_eval:
     assert a_eval[s]["eval/loss"] == b_eval[s]["eval/loss"]
-  wa, wb = load_file(Path(a_dir) / "export" / export_file), load_file(Path(b_dir) / "export" / export_file)
+  wa, wb = exported_tensors(a_dir), exported_tensors(b_dir)
   assert wa.keys() == wb.keys()
   for k in wa:
     np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)  # bitwise
