@@ -52,7 +52,7 @@ def keys() -> tuple[Key, ...]:
   """
   from artifex_dpo.data import formats, sources
   from artifex_dpo.dpo_config import DPOConfig
-  from artifex_dpo.models import attention, config as model_config, hf, lora, presets
+  from artifex_dpo.models import attention, config as model_config, hf_export, lora, presets
 
   dtypes, fill = model_config.DTYPES, ">= 1 or -1"
   return (
@@ -155,7 +155,7 @@ def keys() -> tuple[Key, ...]:
       Key("export.format", "hf", "hf: full HF weights (with LoRA: adapters merged in); merged: the same, LoRA "
           "only; peft: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), LoRA only",
           choices=EXPORT_FORMATS),
-      Key("export.dtype", "float32", "dtype of the exported weights", choices=hf.EXPORT_DTYPES),
+      Key("export.dtype", "float32", "dtype of the exported weights", choices=hf_export.EXPORT_DTYPES),
   )
 
 

@@ -32,7 +32,7 @@ from artifex_dpo.data import PreferenceDataset, eval_batches
 from artifex_dpo.data.unpaired_loader import unpaired_eval_batches
 from artifex_dpo.models import export_hf
 from artifex_dpo.models import lora as lora_lib
-from artifex_dpo.models.hf import clean_stale_exports
+from artifex_dpo.models.hf_export import clean_stale_exports
 
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
 

@@ -22,46 +22,23 @@ weights + Adam moments + gradients ~ 70.6e9 x 16 B / 128 = 8.8 GB, bf16 referenc
 compile, with the splash-attention kernel (``model.attention_impl=auto`` on TPU), puts the step at
 45.6 GB of the chip's 95 GiB with microbatches of 64 pairs (two pairs per data x fsdp shard); with
 the XLA attention (``--config.model.attention_impl=xla``) 32-pair microbatches already take 49.0 GB.
+
+The settings shared with the other TPU presets come from ``artifex_dpo.tpu_presets.tpu_dpo_config``;
+``get_config`` sets what is particular to this model and slice.
 """
 
-from artifex_dpo.config import default_config
+from artifex_dpo.tpu_presets import tpu_dpo_config
 
 SLICE = "v5p-256"         # the slice this config is sized for (launch/gke.py --tpu=v5p-256)
 NUM_CHIPS = 128
 
 
 def get_config():
-  c = default_config()
-  c.model.preset = "llama3-70b"             # shapes of meta-llama/Llama-3.1-70B; weights from model.hf_checkpoint
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "float32"           # fp32 master weights: bf16 would round lr-5e-7 updates away
-  c.model.ref_dtype = "bfloat16"
-  c.model.remat = "full"
-  c.data.max_length = 4096
-  c.data.max_prompt_length = 2048
-  c.data.truncation_mode = "keep_end"
-  c.data.pad_multiple = 1024                # at most 4 batch shapes -> 4 compilations (cached in the workdir)
-  c.data.eval_split = 0.02
-  c.dpo.beta = 0.1
-  c.dpo.loss_type = "sigmoid"
-  c.optim.learning_rate = 5e-7              # the low end of the usual DPO range; 70B models want small steps
-  c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 50
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip_norm = 1.0
-  c.train.steps = 500
+  c = tpu_dpo_config("llama3-70b")         # shapes of meta-llama/Llama-3.1-70B; weights from model.hf_checkpoint
   c.train.global_batch_size = 128           # pairs per update
   c.train.grad_accum_steps = 2              # microbatches of 64 pairs: 2 per data x fsdp shard (AOT, splash: 45.6 GB)
   c.train.eval_batch_size = 32              # as a microbatch
-  c.train.log_every = 10
-  c.train.eval_every = 100
-  c.checkpoint.save_every = 50
   c.checkpoint.max_to_keep = 2              # 70B fp32 params + Adam = ~850 GB per checkpoint
-  c.checkpoint.async_save = True
-  c.mesh.ici.data = 1
   c.mesh.ici.fsdp = -1                      # fills the slice: 128 / 4 = 32
   c.mesh.ici.tensor = 4
-  c.mesh.dcn.data = -1
-  c.export.hf = True
-  c.export.dtype = "bfloat16"
   return c

@@ -19,48 +19,27 @@ Run (every host runs the same command; launch/gke.py renders it for GKE):
 Memory per chip: fp32 master weights + Adam moments + gradients 8 GB, bf16 reference 1 GB, and the
 activations of two pairs (4 x 16,384 tokens) per chip with full remat: 61.7 GB of the chip's 95 GiB
 (AOT, microbatches of 32 pairs; 39.2 GB with 16).
+
+The settings shared with the other TPU presets come from ``artifex_dpo.tpu_presets.tpu_dpo_config``;
+``get_config`` sets what is particular to this model and slice.
 """
 
-from artifex_dpo.config import default_config
+from artifex_dpo.tpu_presets import tpu_dpo_config
 
 SLICE = "v5p-32"          # the slice this config is sized for (launch/gke.py --tpu=v5p-32)
 NUM_CHIPS = 16
 
 
 def get_config():
-  c = default_config()
-  c.model.preset = "llama3-8b"              # shapes of meta-llama/Llama-3.1-8B; weights from model.hf_checkpoint
-  c.model.dtype = "bfloat16"                # compute in bf16 (the MXU's native type)
-  c.model.param_dtype = "float32"           # fp32 master weights: at lr 5e-7 a bf16 weight (8-bit mantissa)
-                                            # would round most updates away; memory allows it here
-  c.model.ref_dtype = "bfloat16"            # the frozen reference only runs forward: bf16 halves it
-  c.model.remat = "full"                    # recompute each layer in the backward pass: 16k-token sequences
-  c.model.attention_impl = "auto"           # the splash kernel on TPU (the memory below assumes it)
+  c = tpu_dpo_config("llama3-8b")          # shapes of meta-llama/Llama-3.1-8B; weights from model.hf_checkpoint
+  c.model.attention_impl = "auto"           # the splash kernel on TPU (the memory above assumes it)
   c.data.max_length = 16384                 # prompt + response, per side (4x the 4k preset)
-  c.data.max_prompt_length = 12288         # long multi-turn prompts; responses keep >= 4096 tokens
-  c.data.truncation_mode = "keep_end"       # keep the end of long (multi-turn) prompts
+  c.data.max_prompt_length = 12288          # long multi-turn prompts; responses keep >= 4096 tokens
   c.data.pad_multiple = 4096                # at most 4 batch shapes -> 4 compilations (cached in the workdir)
-  c.data.eval_split = 0.02                  # held out when no data.eval_files are given
-  c.dpo.beta = 0.1
-  c.dpo.loss_type = "sigmoid"
-  c.optim.learning_rate = 5e-7              # the usual DPO rate for 7-8B models (Zephyr, Tulu 3)
-  c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 50                 # 10% of the run
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip_norm = 1.0
-  c.train.steps = 500                       # ~1 epoch of 64k pairs; raise it for larger sets
   c.train.global_batch_size = 128           # pairs per update
   c.train.grad_accum_steps = 4              # microbatches of 32 pairs: 2 pairs (4 x 16,384 tokens) per chip
   c.train.eval_batch_size = 16              # as a microbatch; a multiple of the batch axes (data x fsdp = 16)
-  c.train.log_every = 10
-  c.train.eval_every = 100
-  c.checkpoint.save_every = 50              # ~20 min of v5p-32 time at most lost to a hard failure
   c.checkpoint.max_to_keep = 2              # 8B fp32 params + Adam = 96 GB per checkpoint
-  c.checkpoint.async_save = True
-  c.mesh.ici.data = 1
   c.mesh.ici.fsdp = -1                      # all 16 chips: 8B fits easily with FSDP alone
   c.mesh.ici.tensor = 1
-  c.mesh.dcn.data = -1                      # extra slices (multi-slice) replicate over DCN
-  c.export.hf = True                        # workdir/export: HF folder for serving / eval
-  c.export.dtype = "bfloat16"
   return c

@@ -27,48 +27,25 @@ compile, full remat). Tensor parallelism 4 (28 query / 4 KV heads, the 18944-wid
 (``model.attention_impl=auto`` on TPU) keeps no attention scores in HBM: 16-pair microbatches take
 6.8 GB, and the preset uses 32-pair microbatches (two pairs per data x fsdp shard): 9.6 GB
 (8.95 GiB; AOT). Check with the AOT command after any change to max_length, batch or mesh.
+
+The settings shared with the other TPU presets come from ``artifex_dpo.tpu_presets.tpu_dpo_config``;
+``get_config`` sets what is particular to this model and slice.
 """
 
-from artifex_dpo.config import default_config
+from artifex_dpo.tpu_presets import tpu_dpo_config
 
 SLICE = "v5e-64"          # the slice this config is sized for (launch/gke.py --tpu=v5e-64)
 NUM_CHIPS = 64
 
 
 def get_config():
-  c = default_config()
-  c.model.preset = "qwen2-7b"               # shapes of Qwen/Qwen2-7B; weights from model.hf_checkpoint
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "float32"           # fits (1.9 GB/chip with Adam, see above); bf16 loses small updates
-  c.model.ref_dtype = "bfloat16"
-  c.model.remat = "full"                    # 16 GiB chips: keep only each layer's input
-  c.data.max_length = 4096
-  c.data.max_prompt_length = 2048
-  c.data.truncation_mode = "keep_end"
-  c.data.pad_multiple = 1024
-  c.data.eval_split = 0.02
-  c.dpo.beta = 0.1
-  c.dpo.loss_type = "sigmoid"
+  c = tpu_dpo_config("qwen2-7b")           # shapes of Qwen/Qwen2-7B; weights from model.hf_checkpoint
   c.dpo.logits_chunk_size = 512             # tokens per device per chunk of the 152064-wide output projection
                                             # (2 rows x 256 positions)
-  c.optim.learning_rate = 5e-7
-  c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 50
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip_norm = 1.0
-  c.train.steps = 500
   c.train.global_batch_size = 128           # pairs per update
   c.train.grad_accum_steps = 4              # microbatches of 32 pairs: 2 per data x fsdp shard (AOT, splash: 9.6 GB)
   c.train.eval_batch_size = 16              # as a microbatch
-  c.train.log_every = 10
-  c.train.eval_every = 100
-  c.checkpoint.save_every = 50
   c.checkpoint.max_to_keep = 2
-  c.checkpoint.async_save = True
-  c.mesh.ici.data = 1
   c.mesh.ici.fsdp = -1                      # fills the slice: 64 / 4 = 16
   c.mesh.ici.tensor = 4                     # 4 chips share each pair's activations (see above)
-  c.mesh.dcn.data = -1
-  c.export.hf = True
-  c.export.dtype = "bfloat16"
   return c

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_service import read_rows, run_main
+from service_runs import read_rows, run_main
 
 from artifex_dpo import config as config_lib
 

@@ -2,64 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from processes import start, wait
-from test_service import _error_line, read_rows, run_main
+from service_runs import assert_identical, error_line, final_rows, run_main, stop_with_sigterm, wait_for_step
 
 BASE = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.checkpoint.save_every=0",
         "--config.data.synthetic_pairs=256", "--config.train.global_batch_size=8", "--config.train.eval_batch_size=16",
         "--config.optim.learning_rate=1e-3"]
-EXACT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-              "logps/rejected", "grad_norm", "learning_rate", "tokens", "train/nonfinite_steps")
-
-
-def wait_for_step(workdir, step, procs, timeout=300):
-  path = Path(workdir) / "metrics.jsonl"
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if path.exists():
-      rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-      if any(r.get("step", 0) >= step and "loss" in r for r in rows):
-        return
-    if any(p.poll() is not None for p in procs):
-      raise AssertionError(f"process ended before step {step}: {[p.returncode for p in procs]}")
-    time.sleep(0.02)
-  raise AssertionError(f"step {step} not reached")
-
-
-def final_rows(workdir):
-  """The row that counts for each step: the later one when a resumed run repeats a step."""
-  rows, _, _ = read_rows(workdir)
-  train, evals = {}, {}
-  for r in rows:
-    (evals if "eval/loss" in r else train)[r["step"]] = r
-  return train, evals
-
-
-def assert_identical(a_dir, b_dir, steps):
-  a, a_eval = final_rows(a_dir)
-  b, b_eval = final_rows(b_dir)
-  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-  for s in a:
-    for k in EXACT_KEYS:
-      assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k])
-  assert a_eval.keys() == b_eval.keys()
-  for s in a_eval:
-    assert a_eval[s]["eval/loss"] == b_eval[s]["eval/loss"]
-  wa, wb = load_file(Path(a_dir) / "export" / "model.safetensors"), load_file(Path(b_dir) / "export" / "model.safetensors")
-  assert wa.keys() == wb.keys()
-  for k in wa:
-    np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)  # bitwise
-
-
 STEPS = 400
 
 
@@ -73,13 +26,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigterm_saves_exits_75_and_resumes_bit_exact(uninterrupted, tmp_path):
   d = tmp_path / "run"
-  procs = start(d, *BASE, f"--config.train.steps={STEPS}")
-  wait_for_step(d, 5, procs)
-  procs[0].send_signal(signal.SIGTERM)
-  (code, err), = wait(procs)
-  assert code == 75, err[-3000:]
-  stopped = max(final_rows(d)[0])
-  assert 5 <= stopped < STEPS
+  stopped = stop_with_sigterm(d, start(d, *BASE, f"--config.train.steps={STEPS}"), STEPS)
   assert (d / "checkpoints" / str(stopped)).is_dir() and not (d / "export").exists()
   (code, err), = wait(start(d, *BASE, f"--config.train.steps={STEPS}"))
   assert code == 0, err[-3000:]
@@ -168,7 +115,7 @@ def test_mismatched_or_foreign_checkpoint_is_refused_naming_the_path(tmp_path):
   proc = run_main(d, *BASE, "--config.train.steps=6", f"--config.data.tokenizer={tok}",
                   "--config.checkpoint.allow_change=True")
   assert proc.returncode == 2
-  line = _error_line(proc)
+  line = error_line(proc)
   assert str(d / "checkpoints" / "3") in line and "embed" in line and "shape" in line
   # A foreign folder that looks like a newer step is damage, not another model: moved aside (kept), and
   # the run resumes from step 3.

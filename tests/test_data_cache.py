@@ -55,8 +55,11 @@ def test_cache_matches_a_plain_pass_and_is_used_on_restart(where, monkeypatch):
     cache.load_or_tokenize(data, tok, storage.join(where, "cache"), **KW)
 
 
-def _two_processes(monkeypatch, data, cache_dir):
-  """load_or_tokenize on 'processes' 0 and 1 (threads; the barrier is a threading.Barrier)."""
+def _two_processes(monkeypatch, data, cache_dir, **kw):
+  """load_or_tokenize (with ``kw``) on 'processes' 0 and 1 (threads; the barrier is a threading.Barrier).
+
+  Returns each process's dataset, or the exception it raised.
+  """
   gate = threading.Barrier(2, timeout=60)
   monkeypatch.setattr(cache, "barrier", lambda name, n: gate.wait())
   monkeypatch.setattr(cache, "CHUNK", 4)
@@ -65,7 +68,7 @@ def _two_processes(monkeypatch, data, cache_dir):
 
   def run(p):
     try:
-      out[p] = cache.load_or_tokenize(data, tok, cache_dir, process_index=p, process_count=2, **KW)
+      out[p] = cache.load_or_tokenize(data, tok, cache_dir, process_index=p, process_count=2, **KW, **kw)
     except Exception as e:  # noqa: BLE001
       out[p] = e
 
@@ -166,24 +169,6 @@ def test_stale_keys_are_removed_but_not_ours_newer_or_incomplete_ones(where, mon
   assert cache.remove_stale_keys(cache_dir, [new, writing]) == []
 
 
-def _two_processes_kw(monkeypatch, data, cache_dir, **kw):
-  gate = threading.Barrier(2, timeout=60)
-  monkeypatch.setattr(cache, "barrier", lambda name, n: gate.wait())
-  monkeypatch.setattr(cache, "CHUNK", 4)
-  tok = load_tokenizer("byte")
-  out = [None, None]
-
-  def run(p):
-    out[p] = cache.load_or_tokenize(data, tok, cache_dir, process_index=p, process_count=2, **KW, **kw)
-
-  threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  return out
-
-
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_lines_of_other_processes_are_counted_not_parsed(tmp_path, monkeypatch, suffix):
   # Each process JSON-decodes only its own lines; line numbers (byte order mark, blank and whitespace
@@ -200,7 +185,7 @@ def test_lines_of_other_processes_are_counted_not_parsed(tmp_path, monkeypatch, 
   parsed = []
   real = cache._parse_or_error
   monkeypatch.setattr(cache, "_parse_or_error", lambda *a: parsed.append(a[1]) or real(*a))
-  a, b = _two_processes_kw(monkeypatch, str(data), str(tmp_path / "cache"), skip_invalid=True)
+  a, b = _two_processes(monkeypatch, str(data), str(tmp_path / "cache"), skip_invalid=True)
   assert _pairs(a) == _pairs(b) == _pairs(expected)
   for name in PreferenceDataset.COUNTERS:
     assert getattr(a, name) == getattr(expected, name), name

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from processes import ROOT
-from test_service import _error_line, run_main
+from service_runs import error_line, run_main
 
 FAST = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.data.synthetic_pairs=64",
         "--config.train.global_batch_size=8", "--config.train.eval_batch_size=8", "--config.export.hf=False",
@@ -273,7 +273,7 @@ def test_full_disk_exits_2_keeps_the_last_checkpoint_and_the_rerun_resumes(story
   assert story["mounted"]
   code, err = story["E"]
   assert code == 2, err[-3000:]
-  line = _error_line(type("P", (), {"stderr": err}))
+  line = error_line(type("P", (), {"stderr": err}))
   # The path: the checkpoint being saved, the metrics file, or the workdir (an error that names no file).
   assert "No space left on device" in line and str(story["workdir"]) in line, line
   assert "Traceback" not in err
@@ -301,7 +301,7 @@ def test_export_records_its_step_has_one_mode_and_stale_temp_folders_are_cleaned
 def test_no_restorable_checkpoint_exits_2_naming_the_folder_and_moves_nothing(story):
   code, err = story["N"]
   assert code == 2, err[-3000:]
-  line = _error_line(type("P", (), {"stderr": err}))
+  line = error_line(type("P", (), {"stderr": err}))
   assert f"{Path(story['workdir']) / 'checkpoints'}: no checkpoint restores" in line
   assert "Traceback" not in err
   assert story["n_steps_after"] == story["n_steps_before"]
@@ -314,7 +314,7 @@ def test_workdir_under_a_file_exits_2_naming_the_path(tmp_path):
   (tmp_path / "file").write_text("x")
   proc = run_main(tmp_path / "file" / "w", timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  line = _error_line(proc)
+  line = error_line(proc)
   assert str(tmp_path / "file" / "w") in line and "Not a directory" in line
   assert "Traceback" not in proc.stderr
 
@@ -340,7 +340,7 @@ def test_read_only_or_full_workdir_exits_2_naming_the_path(tmp_path, options, ne
   finally:
     subprocess.run(["umount", "-l", str(mount)])
   assert proc.returncode == 2, proc.stderr[-3000:]
-  line = _error_line(proc)
+  line = error_line(proc)
   assert str(mount / "w") in line and needle in line, line
   assert "Traceback" not in proc.stderr
 
@@ -382,13 +382,13 @@ def test_identical_and_truncated_pairs_are_counted_and_a_second_ctrl_c_aborts(tm
   proc = run_main(tmp_path / "w2", *DATA_RUN, f"--config.data.train_files={path}", "--config.train.steps=2",
                   timeout=180)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  line = _error_line(proc)
+  line = error_line(proc)
   assert str(path) in line and "6 with identical chosen and rejected" in line
 
 
 def _model_folder(folder: Path, vocab_size: int) -> Path:
   from artifex_dpo.models import get_preset
-  from artifex_dpo.models.hf import config_to_hf
+  from artifex_dpo.models.hf_config import config_to_hf
 
   folder.mkdir()
   (folder / "config.json").write_text(json.dumps(config_to_hf(get_preset("llama-tiny", vocab_size=vocab_size))))
@@ -411,12 +411,12 @@ def test_pretokenized_ids_are_checked_against_the_model_and_an_index_pointing_ou
   write(300)  # inside the model's 512 ids, outside the byte tokenizer's 259: accepted
   proc = run_main(tmp_path / "w", *common, timeout=180)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  line = _error_line(proc)
+  line = error_line(proc)
   assert "model.safetensors.index.json" in line and "outside the model folder" in line, line
   write(600)
   proc = run_main(tmp_path / "w2", *common, timeout=180)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "token id 600 is outside [0, 512)" in _error_line(proc)
+  assert "token id 600 is outside [0, 512)" in error_line(proc)
 
 
 @pytest.mark.parametrize("body,line_no,needle", [
@@ -430,7 +430,7 @@ def test_a_config_file_that_raises_names_file_and_line(tmp_path, body, line_no, 
   config.write_text(body)
   proc = run_main(tmp_path / "w", config=str(config), timeout=60)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  line = _error_line(proc)
+  line = error_line(proc)
   assert f"{config}:{line_no}: " in line and needle in line, line
   assert "Traceback" not in proc.stderr
 
@@ -474,7 +474,7 @@ def test_a_lease_from_another_host_is_taken_over_when_stale_and_refused_when_ren
     stop.set()
     renewer.join()
   assert proc.returncode == 2, proc.stderr[-3000:]
-  line = _error_line(proc)
+  line = error_line(proc)
   assert "in use by a live run" in line and "host another-host pid 1 (started 2026-01-01T00:00:00Z)" in line
   assert json.loads((w / "lease.json").read_text())["host"] == "another-host"
 

@@ -20,8 +20,8 @@ from safetensors.numpy import save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from artifex_dpo.models import LlamaModel, config_from_hf, export_hf, hf, load_hf_checkpoint, load_hf_params  # noqa: E402
-from artifex_dpo.models import hf_export  # noqa: E402
+from artifex_dpo.models import LlamaModel, config_from_hf, export_hf, load_hf_checkpoint, load_hf_params  # noqa: E402
+from artifex_dpo.models import hf_export, hf_layout, hf_read  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, T = 98, 12
@@ -288,8 +288,8 @@ def test_load_with_shardings_one_device_mesh(hf_models, monkeypatch):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
   shardings = _shardings(abstract, mesh)
   reads = []
-  original = hf.CheckpointReader.read
-  monkeypatch.setattr(hf.CheckpointReader, "read", lambda self, n, i: reads.append(n) or original(self, n, i))
+  original = hf_read.CheckpointReader.read
+  monkeypatch.setattr(hf_read.CheckpointReader, "read", lambda self, n, i: reads.append(n) or original(self, n, i))
   state = load_hf_params(path, abstract, shardings)
   flat_sh = dict(nnx.to_flat_state(shardings))
   for p, var in nnx.to_flat_state(state):
@@ -299,7 +299,7 @@ def test_load_with_shardings_one_device_mesh(hf_models, monkeypatch):
   plain_flat = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
   for p, var in nnx.to_flat_state(state):
     np.testing.assert_array_equal(var.get_value(), plain_flat[p].get_value())
-  assert len(reads) == len(hf.CheckpointReader(path).weight_map)  # every tensor read once
+  assert len(reads) == len(hf_read.CheckpointReader(path).weight_map)  # every tensor read once
 
 
 def abstract_axes(abstract, path):
@@ -322,7 +322,7 @@ def test_callback_reads_only_requested_slice(hf_models, param, index):
   path = hf_models["llama"][1]
   plain = load_hf_checkpoint(path)
   full = np.asarray(dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))[param].get_value())
-  reader = hf.CheckpointReader(path)
+  reader = hf_read.CheckpointReader(path)
   reads = []
   original = reader.read
 
@@ -332,8 +332,8 @@ def test_callback_reads_only_requested_slice(hf_models, param, index):
     return out
 
   reader.read = spy
-  spec = hf.param_specs(plain.config)[param]
-  block = hf.make_block_reader(reader, spec, full.shape, np.float32)(index)
+  spec = hf_layout.param_specs(plain.config)[param]
+  block = hf_read.make_block_reader(reader, spec, full.shape, np.float32)(index)
   np.testing.assert_array_equal(block, full[index])
   read_names = {n for n, _ in reads}
   if spec.stacked:
@@ -352,7 +352,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     import json, sys
     import jax, numpy as np
     from flax import nnx
-    from artifex_dpo.models import LlamaModel, hf, load_hf_checkpoint, load_hf_params
+    from artifex_dpo.models import LlamaModel, hf_read, load_hf_checkpoint, load_hf_params
 
     RULES = json.loads(sys.argv[2])
     def _shardings(abstract, mesh):
@@ -368,12 +368,12 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tensor"))
     shardings = _shardings(abstract, mesh)
     reads = []
-    original = hf.CheckpointReader.read
+    original = hf_read.CheckpointReader.read
     def spy(self, name, index):
       out = original(self, name, index)
       reads.append([name, int(out.size), int(np.prod(self.shape(name)))])
       return out
-    hf.CheckpointReader.read = spy
+    hf_read.CheckpointReader.read = spy
     state = load_hf_params(path, abstract, shardings)
     plain_flat = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
     sh = dict(nnx.to_flat_state(shardings))

@@ -107,7 +107,7 @@ def test_service_pack_batches_on_two_processes_gives_the_padded_per_step_losses(
   """1 process, padded rows vs 2 processes (127.0.0.1), packed rows with shared prompts: the same steps (the
   layouts agree in test_packed_kto_equals_padded_kto, the process counts in test_kto_service.py)."""
   from processes import start, wait
-  from test_service import read_rows, run_main
+  from service_runs import read_rows, run_main
 
   padded = run_main(tmp_path / "padded", *SERVICE)
   assert padded.returncode == 0, padded.stderr[-3000:]
@@ -128,10 +128,10 @@ def test_service_pack_batches_on_two_processes_gives_the_padded_per_step_losses(
 
 
 def test_service_refuses_whole_dataset_packing_and_packing_without_kl_rows(tmp_path):
-  from test_service import _error_line, run_main
+  from service_runs import error_line, run_main
 
   proc = run_main(tmp_path / "a", *SERVICE, "--config.data.packing=True")
-  assert proc.returncode == 2 and "data.packing" in _error_line(proc) and "KL rows" in _error_line(proc)
+  assert proc.returncode == 2 and "data.packing" in error_line(proc) and "KL rows" in error_line(proc)
   proc = run_main(tmp_path / "b", *SERVICE, "--config.dpo.loss_type=apo_zero_unpaired",
                   "--config.data.pack_batches=True")
-  assert proc.returncode == 2 and "data.pack_batches" in _error_line(proc)
+  assert proc.returncode == 2 and "data.pack_batches" in error_line(proc)

@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from processes import start, wait
-from test_service import _error_line, read_rows, run_main
+from service_runs import error_line, read_rows, run_main
 
 QUICK = ["--config.train.eval_every=0", "--config.checkpoint.save_every=0", "--config.export.hf=False",
          "--config.train.log_every=1", "--config.dpo.loss_type=kto", "--config.train.global_batch_size=8",
@@ -39,7 +39,7 @@ def test_kto_skip_invalid_counts_bad_records_and_truncation(tmp_path):
   assert (long_prompts, long_completions) == (8, 6)
   # Without skip_invalid the first bad record stops the run.
   proc = run_main(tmp_path / "strict", *QUICK, "--config.train.steps=1", f"--config.data.train_files={data}")
-  assert proc.returncode == 2 and f"{data}:41: label: missing" in _error_line(proc)
+  assert proc.returncode == 2 and f"{data}:41: label: missing" in error_line(proc)
   proc = run_main(tmp_path / "run", *QUICK, "--config.train.steps=2", f"--config.data.train_files={data}",
                   "--config.data.skip_invalid=True")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,12 +60,12 @@ def test_kto_pretokenized_ids_outside_the_model_vocabulary_exit_2(tmp_path):
                   + json.dumps({"prompt_ids": [1, -3], "completion_ids": [3, 4], "label": False}) + "\n")
   proc = run_main(tmp_path / "a", *QUICK, "--config.train.steps=1", f"--config.data.train_files={data}")
   assert proc.returncode == 2
-  assert _error_line(proc).endswith(f"{data}:2: prompt_ids: token id -3 is outside [0, 259)")
+  assert error_line(proc).endswith(f"{data}:2: prompt_ids: token id -3 is outside [0, 259)")
   # A paired pre-tokenized record fed to KTO is checked the same way.
   data.write_text(json.dumps({"prompt_ids": [1], "chosen_ids": [3], "rejected_ids": [259]}) + "\n")
   proc = run_main(tmp_path / "b", *QUICK, "--config.train.steps=1", f"--config.data.train_files={data}")
   assert proc.returncode == 2
-  assert _error_line(proc).endswith(f"{data}:1: rejected_ids: token id 259 is outside [0, 259)")
+  assert error_line(proc).endswith(f"{data}:1: rejected_ids: token id 259 is outside [0, 259)")
 
 
 TWO = [*QUICK, "--config.train.steps=6", "--config.data.synthetic_pairs=128", "--config.train.eval_every=6",

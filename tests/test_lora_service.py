@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from processes import start, wait
-from test_checkpoint import EXACT_KEYS, final_rows, wait_for_step
+from service_runs import assert_identical, final_rows, stop_with_sigterm
 
 STEPS = 150
 # The tiny default's task and optimizer, rank-16 adapters; a constant schedule after warmup so a
@@ -68,28 +67,11 @@ def test_checkpoint_holds_adapters_not_the_base(lora_run):
 
 def test_lora_sigterm_resume_is_bitwise(lora_run, tmp_path):
   d = tmp_path / "run"
-  procs = start(d, *ARGS, f"--config.train.steps={STEPS}")
-  wait_for_step(d, 5, procs)
-  procs[0].send_signal(signal.SIGTERM)
-  (code, err), = wait(procs)
-  assert code == 75, err[-3000:]
-  stopped = max(final_rows(d)[0])
-  assert 5 <= stopped < STEPS
+  stopped = stop_with_sigterm(d, start(d, *ARGS, f"--config.train.steps={STEPS}"), STEPS)
   (code, err), = _run(d, f"--config.train.steps={STEPS}")
   assert code == 0, err[-3000:]
   assert f"resumed from {d / 'checkpoints'}/{stopped}" in err
-  a, a_eval = final_rows(lora_run)
-  b, b_eval = final_rows(d)
-  assert sorted(a) == sorted(b)
-  for s in a:
-    for k in EXACT_KEYS:
-      assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k])
-  assert a_eval[STEPS]["eval/loss"] == b_eval[STEPS]["eval/loss"]
-  wa = load_file(Path(lora_run) / "export" / "adapter_model.safetensors")
-  wb = load_file(d / "export" / "adapter_model.safetensors")
-  assert wa.keys() == wb.keys()
-  for k in wa:
-    np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+  assert_identical(lora_run, d, STEPS)
 
 
 def test_lora_two_processes_match_one(lora_run, tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from test_service import _error_line, read_rows, run_main
+from service_runs import error_line, read_rows, run_main
 
 # CPO-SimPO's learning (held-out accuracy 1.0 on the tiny config) was measured by hand; its loss is checked
 # against TRL in test_loss_family.py and its wiring (NLL term) in test_loss_family_layouts.py.
@@ -44,6 +44,6 @@ def test_kto_bad_record_and_bad_combination_exit_2(tmp_path):
                   + json.dumps({"prompt": "Q", "completion": " b", "label": "no"}) + "\n")
   proc = run_main(tmp_path / "a", "--config.dpo.loss_type=kto", f"--config.data.train_files={data}")
   assert proc.returncode == 2
-  assert f"{data}:2: label: expected true or false" in _error_line(proc)
+  assert f"{data}:2: label: expected true or false" in error_line(proc)
   proc = run_main(tmp_path / "b", "--config.dpo.loss_type=kto", "--config.dpo.label_smoothing=0.1")
-  assert proc.returncode == 2 and "dpo.label_smoothing" in _error_line(proc)
+  assert proc.returncode == 2 and "dpo.label_smoothing" in error_line(proc)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from processes import start, wait
-from test_service import read_rows, run_main
+from service_runs import read_rows, run_main
 
 ARGS = ["--config.train.steps=6", "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.export.hf=False", "--config.checkpoint.save_every=0", "--config.data.synthetic_pairs=256",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,27 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service_runs import error_line, read_rows, run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
-
-
-def run_main(workdir, *overrides, config="configs/tiny.py", timeout=600, extra_env=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **(extra_env or {}))
-  cmd = [sys.executable, "-m", "artifex_dpo.main", f"--config={config}", f"--workdir={workdir}", *overrides]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def read_rows(workdir):
-  rows = [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
-  train = {r["step"]: r for r in rows if "loss" in r}
-  evals = [r for r in rows if "eval/loss" in r]
-  return rows, train, evals
-
-
-def _error_line(proc) -> str:
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("artifex_dpo: error:")]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +83,7 @@ def test_restart_resumes_and_refuses_a_changed_config(tiny_run, tmp_path):
   # A different batch size cannot resume from this checkpoint: exit 2, naming the key.
   proc = run_main(tiny_run, "--config.train.steps=170", "--config.train.global_batch_size=32")
   assert proc.returncode == 2
-  assert "train.global_batch_size" in _error_line(proc)
+  assert "train.global_batch_size" in error_line(proc)
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -121,7 +103,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, overrides, needle):
     config, overrides = overrides[0].split("=", 1)[1], overrides[1:]
   proc = run_main(tmp_path / "w", *overrides, config=config, timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert needle in _error_line(proc)
+  assert needle in error_line(proc)
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
 
@@ -140,7 +122,7 @@ def test_bad_data_exits_2_naming_file_and_line(tmp_path, lines, needle):
   path.write_text("".join(l + "\n" for l in lines))
   proc = run_main(tmp_path / "w", f"--config.data.train_files={path}", "--config.train.steps=2", timeout=180)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  line = _error_line(proc)
+  line = error_line(proc)
   assert str(path) in line and needle in line, line
   assert "Traceback" not in proc.stderr
 

@@ -92,16 +92,17 @@ def test_safetensors_in_a_bucket_are_read_by_byte_range(gcs_emulator, monkeypatc
   import numpy as np
   from safetensors.numpy import save
 
-  from artifex_dpo.models import hf
+  from artifex_dpo.models.hf_layout import SINGLE_FILE
+  from artifex_dpo.models.hf_read import CheckpointReader
 
   rng = np.random.default_rng(0)
   tensors = {"a": rng.standard_normal((64, 48)).astype(np.float32), "b": rng.standard_normal((8,)).astype(np.float32)}
   folder = gcs_emulator.fresh("st")
-  storage.write_bytes(storage.join(folder, hf.SINGLE_FILE), save(tensors))
+  storage.write_bytes(storage.join(folder, SINGLE_FILE), save(tensors))
   ranges = []
   real = storage.read_range
   monkeypatch.setattr(storage, "read_range", lambda p, a, b: ranges.append(b - a) or real(p, a, b))
-  reader = hf.CheckpointReader(folder)
+  reader = CheckpointReader(folder)
   assert reader.shape("a") == (64, 48)
   ranges.clear()
   got = reader.read("a", (slice(16, 24), slice(8, 40)))

@@ -17,7 +17,7 @@ from artifex_dpo import DPOConfig, DPOTrainer
 from artifex_dpo.models import LlamaModel, get_preset
 from artifex_dpo.types import GeneratedSequenceBatch, PreferenceBatch
 
-from test_service import _error_line, run_main
+from service_runs import error_line, run_main
 
 
 def _params(model) -> dict:
@@ -98,5 +98,5 @@ def test_service_checkpoints_the_mixed_reference_and_resumes_bitwise(tmp_path):
 def test_service_refuses_tr_dpo_with_precomputed_reference(tmp_path):
   proc = run_main(tmp_path, "--config.dpo.sync_ref_model=True", "--config.dpo.precompute_ref_logps=True")
   assert proc.returncode == 2
-  line = _error_line(proc)
+  line = error_line(proc)
   assert "dpo.sync_ref_model" in line and "precompute_ref_logps" in line

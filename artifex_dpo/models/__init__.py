@@ -1,13 +1,9 @@
 """Llama-family decoder models (Llama, Mistral, Qwen2) in Flax NNX, with HF import/export."""
 
 from artifex_dpo.models.config import ModelConfig
-from artifex_dpo.models.hf import (
-    config_from_hf,
-    config_to_hf,
-    export_hf,
-    load_hf_checkpoint,
-    load_hf_params,
-)
+from artifex_dpo.models.hf_config import config_from_hf, config_to_hf
+from artifex_dpo.models.hf_export import export_hf
+from artifex_dpo.models.hf_read import load_hf_checkpoint, load_hf_params
 from artifex_dpo.models.llama import (
     LOGICAL_AXES,
     DecoderLayers,

@@ -233,7 +233,7 @@ def fetch(arr: jax.Array, layer: int | None, keep: bool) -> np.ndarray | None:
   return out
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
   """``x`` on the host of every process (a collective for a multi-host array); for small tensors."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -304,8 +304,6 @@ def replace_dir(tmp: str, out: str) -> None:
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
 
-
-_replace_dir = replace_dir  # the name models/lora.py's PEFT export imports
 
 
 def _sync(name: str) -> None:

@@ -443,15 +443,15 @@ def merged_model(model: LoraLlamaModel) -> LlamaModel:
 
 def peft_tensors(model: LoraLlamaModel) -> list[tuple[str, Any]]:
   """``(PEFT tensor name, fetch)`` per layer and adapter: ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``."""
-  from artifex_dpo.models.hf import _to_host  # noqa: PLC0415 - multi-host gather, shared with export_hf
+  from artifex_dpo.models.hf_export import to_host  # noqa: PLC0415 - multi-host gather, shared with export_hf
 
   out = []
   adapters = model.layers.adapters()
   for i in range(model.config.num_layers):
     for name, (a, b) in adapters.items():
       prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[name]}"
-      out.append((f"{prefix}.lora_A.weight", lambda a=a, i=i: _to_host(a[i]).reshape(-1, a.shape[-1]).T))
-      out.append((f"{prefix}.lora_B.weight", lambda b=b, i=i: _to_host(b[i]).reshape(b.shape[1], -1).T))
+      out.append((f"{prefix}.lora_A.weight", lambda a=a, i=i: to_host(a[i]).reshape(-1, a.shape[-1]).T))
+      out.append((f"{prefix}.lora_B.weight", lambda b=b, i=i: to_host(b[i]).reshape(b.shape[1], -1).T))
   return out
 
 
@@ -474,7 +474,7 @@ def export_peft(model: LoraLlamaModel, out_dir: str, *, dtype: str = "float32",
   ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)`` then
   computes what ``model`` does. ``out_dir`` may be local or ``gs://`` (through ``storage``); it is
   written to a temporary sibling and moved in at the end, with the export marker (``info``: the
-  step) written last, as :func:`artifex_dpo.models.hf.export_hf` does. With several processes all
+  step) written last, as :func:`artifex_dpo.models.hf_export.export_hf` does. With several processes all
   must call it (adapters are gathered); process 0 writes.
   """
   import json  # noqa: PLC0415
@@ -483,7 +483,8 @@ def export_peft(model: LoraLlamaModel, out_dir: str, *, dtype: str = "float32",
   from safetensors.numpy import save  # noqa: PLC0415
 
   from artifex_dpo import storage  # noqa: PLC0415
-  from artifex_dpo.models.hf import EXPORT_INFO_FILE, _replace_dir  # noqa: PLC0415
+  from artifex_dpo.models.hf_export import replace_dir  # noqa: PLC0415
+  from artifex_dpo.models.hf_layout import EXPORT_INFO_FILE  # noqa: PLC0415
 
   np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
   data = {name: np.ascontiguousarray(fetch().astype(np_dtype)) for name, fetch in peft_tensors(model)}
@@ -498,5 +499,5 @@ def export_peft(model: LoraLlamaModel, out_dir: str, *, dtype: str = "float32",
     storage.write_bytes(storage.join(tmp, name), payload)
   marker = dict(info or {}, files=sorted(files), format="peft")
   storage.write_text(storage.join(tmp, EXPORT_INFO_FILE), json.dumps(marker, indent=2, sort_keys=True) + "\n")
-  _replace_dir(tmp, out_dir)
+  replace_dir(tmp, out_dir)
   return out_dir
