@@ -289,11 +289,7 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   except ValueError as e:
     m = re.search(r"DPOConfig\.(\w+)", str(e))
     raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
-  if dpo_cfg.unpaired:  # KTO in the service: padded batches, live reference (what is not there yet is refused)
-    if c.dpo.precompute_ref_logps:
-      raise ConfigError("dpo.precompute_ref_logps", "cannot be used with KTO here: its KL rows pair each prompt with "
-                                                    "another completion of the same batch, so they change with the "
-                                                    "batch order and cannot be scored once per example")
+  if dpo_cfg.unpaired:  # KTO in the service (what is not there yet is refused)
     if c.data.packing:  # rows packed once for the whole dataset cannot hold KL rows that change with the batch
       raise ConfigError("data.packing", f"is not supported with the unpaired loss {c.dpo.loss_type!r}: its KL rows "
                                         "change with the batch; use data.pack_batches=True (KTO)")
