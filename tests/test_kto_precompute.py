@@ -114,6 +114,7 @@ def test_service_precomputed_kto_gives_the_live_reference_losses(tmp_path):
   """28 training examples in batches of 8: the steps straddle epochs and the KL pairs change with each epoch's
   shuffle. Live reference (padded) vs precomputed: padded, resumed with more steps (the KL table is extended
   for the new steps only), and packed with shared prompts."""
+  from processes import start, wait
   from test_service import read_rows, run_main
 
   def rows(name):
@@ -135,7 +136,27 @@ def test_service_precomputed_kto_gives_the_live_reference_losses(tmp_path):
   assert "resumed from" in more.stderr
   _compare(want, rows("pre"), 8)
 
-  packed = run_main(tmp_path / "packed", *SERVICE, "--config.train.steps=8", "--config.dpo.precompute_ref_logps=True",
-                    "--config.data.pack_batches=True", "--config.data.share_prompt=True")
-  assert packed.returncode == 0, packed.stderr[-3000:]
+  # Two processes (127.0.0.1) score the reference in their halves of each batch, then train on packed rows.
+  for code, err in wait(start(tmp_path / "packed", *SERVICE, "--config.train.steps=8",
+                              "--config.dpo.precompute_ref_logps=True", "--config.data.pack_batches=True",
+                              "--config.data.share_prompt=True", processes=2)):
+    assert code == 0, err[-3000:]
   _compare(want, rows("packed"), 8)
+
+
+def test_service_precomputed_apo_zero_unpaired(tmp_path):
+  """No KL rows (apo_zero_unpaired): only the completions are scored; the live reference's losses."""
+  from test_service import read_rows, run_main
+
+  args = [*SERVICE, "--config.dpo.loss_type=apo_zero_unpaired", "--config.train.steps=4"]
+  live = run_main(tmp_path / "live", *args)
+  assert live.returncode == 0, live.stderr[-3000:]
+  pre = run_main(tmp_path / "pre", *args, "--config.dpo.precompute_ref_logps=True")
+  assert pre.returncode == 0, pre.stderr[-3000:]
+  assert "reference log-probs: 28 examples' completions, no KL rows" in pre.stderr
+  (_, a, a_eval), (_, b, b_eval) = read_rows(tmp_path / "live"), read_rows(tmp_path / "pre")
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4] and a[4]["loss"] != a[1]["loss"]
+  for step in a:
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected"):
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, atol=5e-5, err_msg=f"{key}@{step}")
+  np.testing.assert_allclose(b_eval[-1]["eval/loss"], a_eval[-1]["eval/loss"], rtol=1e-5, atol=1e-6)
