@@ -290,9 +290,15 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
     m = re.search(r"DPOConfig\.(\w+)", str(e))
     raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
   if dpo_cfg.unpaired:  # KTO in the service (what is not there yet is refused)
-    if c.data.packing:  # rows packed once for the whole dataset cannot hold KL rows that change with the batch
-      raise ConfigError("data.packing", f"is not supported with the unpaired loss {c.dpo.loss_type!r}: its KL rows "
-                                        "change with the batch; use data.pack_batches=True (KTO)")
+    if c.data.packing and "kto" not in dpo_cfg.loss_types:
+      raise ConfigError("data.packing", f"packs each example with its KL row: only with dpo.loss_type=kto, "
+                                        f"not {c.dpo.loss_type!r}")
+    if c.data.packing and c.data.pack_length and c.data.pack_length < 4 * c.data.max_length:
+      raise ConfigError("data.pack_length", f"{c.data.pack_length} cannot hold two KTO examples with their KL rows "
+                                            f"(a row holds at least two): use >= {4 * c.data.max_length} or 0")
+    if c.data.packing and c.data.max_pairs_per_row and c.data.max_pairs_per_row < 3:
+      raise ConfigError("data.max_pairs_per_row", f"must be >= 3 (or 0) with KTO and data.packing (rows hold "
+                                                   f"groups of 2 or 3 examples), got {c.data.max_pairs_per_row}")
     if c.data.pack_batches and "kto" not in dpo_cfg.loss_types:
       raise ConfigError("data.pack_batches", f"packs each example with its KL row: only with dpo.loss_type=kto, "
                                              f"not {c.dpo.loss_type!r}")

@@ -193,6 +193,8 @@ def load_or_compute_unpaired(workdir: str, name: str, spec, ref_state, dataset, 
     distinct (example, partner) pairs are scored once. A later run with more steps extends the
     cached table (only the new steps are scored).
   * eval (``kl_order = {"eval_batch_size": B}``): each example's KL row in the eval batches, ``[N]``.
+  * ``data.packing`` (``kl_order = {"partners": [N] example indices}``): the KL rows the packing plan fixes
+    (:func:`~artifex_dpo.data.unpaired.row_kl_partners`), ``[N]``; keyed by the partners themselves.
 
   The cache file is keyed by the data, the reference weights, the chunk size and the order's
   settings (seed, shuffle, batch size), never by the step count.
@@ -216,6 +218,9 @@ def load_or_compute_unpaired(workdir: str, name: str, spec, ref_state, dataset, 
   from artifex_dpo.data.unpaired_loader import UnpairedReference, eval_kl_partners, train_kl_partners
 
   weights = frozen(ref_state) if spec.reference_is_base else ref_state  # LoRA: the base only
+  if "partners" in kl_order:  # data.packing: each example's KL partner is fixed by the packing plan
+    fixed = np.asarray(kl_order["partners"], np.int64)
+    kl_order = {"partners": hashlib.sha256(fixed.tobytes()).hexdigest()[:20]}
   order = sorted((k, v) for k, v in kl_order.items() if k != "steps") if with_kl else "no-kl"
   h = hashlib.sha256(f"kto:{dataset.fingerprint()}:{weights_fingerprint(weights)}:{chunk_size}:{max_length}:"
                      f"{order}".encode())
@@ -240,8 +245,8 @@ def load_or_compute_unpaired(workdir: str, name: str, spec, ref_state, dataset, 
     completions = compute_sequence_sums(spec, ref_state, [(e.prompt_ids, e.completion_ids) for e in examples], **kw)
     have, kl = 0, None
   if with_kl:
-    if steps is None:  # eval: one KL row per example
-      partners = eval_kl_partners(n, kl_order["eval_batch_size"])
+    if steps is None:  # eval (or data.packing): one KL row per example
+      partners = fixed if "partners" in kl_order else eval_kl_partners(n, kl_order["eval_batch_size"])
       kl = compute_sequence_sums(spec, ref_state, [(examples[i].prompt_ids, examples[j].completion_ids)
                                                    for i, j in enumerate(partners)], **kw)
     else:  # training: the steps not cached yet, each distinct (example, partner) pair once

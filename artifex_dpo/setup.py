@@ -173,7 +173,7 @@ class Setup:
                             pack_batches=c.data.pack_batches, row_length=c.data.pack_length or None,
                             max_pairs_per_row=c.data.max_pairs_per_row or None, share_prompt=c.data.share_prompt,
                             row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()),
-                            reference=self.train_ref)
+                            reference=self.train_ref, packing=c.data.packing)
     return PreferenceLoader(
         self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
@@ -261,10 +261,16 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
     kw = dict(with_kl="kto" in dpo_cfg.loss_types, batch_size=c.train.eval_batch_size,
               pad_multiple=c.data.pad_multiple, max_length=c.data.max_length, chunk_size=c.dpo.logits_chunk_size)
     scorer = state if spec.reference_is_base else ref_state
-    train_ref = reference.load_or_compute_unpaired(
-        workdir, "train", spec, scorer, train_ds, kl_order={"steps": c.train.steps, "seed": c.data.seed,
-                                                           "shuffle": c.data.shuffle,
-                                                           "global_batch_size": c.train.global_batch_size}, **kw)
+    order = {"steps": c.train.steps, "seed": c.data.seed, "shuffle": c.data.shuffle,
+             "global_batch_size": c.train.global_batch_size}
+    if c.data.packing and kw["with_kl"]:  # the plan fixes each example's KL partner (a rotation within its row)
+      order = {"partners": UnpairedLoader(train_ds, c.train.global_batch_size, seed=c.data.seed,
+                                          shuffle=c.data.shuffle, process_index=0, process_count=1,
+                                          pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
+                                          with_kl=True, packing=True, row_length=c.data.pack_length or None,
+                                          max_pairs_per_row=c.data.max_pairs_per_row or None,
+                                          share_prompt=c.data.share_prompt).kl_partners}
+    train_ref = reference.load_or_compute_unpaired(workdir, "train", spec, scorer, train_ds, kl_order=order, **kw)
     eval_ref = reference.load_or_compute_unpaired(workdir, "eval", spec, scorer, eval_ds, **kw,
                                                   kl_order={"eval_batch_size": c.train.eval_batch_size}) \
         if eval_ds else None

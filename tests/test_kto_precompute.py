@@ -160,3 +160,24 @@ def test_service_precomputed_apo_zero_unpaired(tmp_path):
     for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected"):
       np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, atol=5e-5, err_msg=f"{key}@{step}")
   np.testing.assert_allclose(b_eval[-1]["eval/loss"], a_eval[-1]["eval/loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_service_data_packing_one_process_live_equals_two_processes_precomputed(tmp_path):
+  """data.packing with KTO (rows planned once; each example's KL row rotates within its row, so its partner is
+  fixed and precomputed by example): the number of examples per step varies, and 2 processes with precomputed
+  reference sums give the 1-process live-reference losses."""
+  from processes import start, wait
+  from test_service import read_rows, run_main
+
+  args = [*SERVICE, "--config.train.global_batch_size=2", "--config.train.steps=6", "--config.data.packing=True",
+          "--config.data.share_prompt=True", "--config.train.eval_every=3"]
+  live = run_main(tmp_path / "live", *args)
+  assert live.returncode == 0, live.stderr[-3000:]
+  assert "packing: 28 pairs in" in live.stderr
+  for code, err in wait(start(tmp_path / "pre", *args, "--config.dpo.precompute_ref_logps=True", processes=2)):
+    assert code == 0, err[-3000:]
+  _, a, a_eval = read_rows(tmp_path / "live")
+  _, b, _ = read_rows(tmp_path / "pre")
+  assert len({a[s]["pairs"] for s in a}) > 1 and min(a[s]["pairs"] for s in a) >= 4  # >= 2 examples per row
+  assert sum(a[s]["kl"] > 0.05 for s in a) >= 2
+  _compare((a, a_eval), (b, read_rows(tmp_path / "pre")[2]), 6)

@@ -21,8 +21,9 @@ from artifex_dpo.data.batches import pad_length
 from artifex_dpo.data.order import global_batch_indices, process_slice
 from artifex_dpo.data.packing import default_max_pairs_per_row
 from artifex_dpo.data.tokenizer import Tokenizer
-from artifex_dpo.data.unpaired import (UnpairedCounts, UnpairedExample, make_packed_unpaired_batch, make_unpaired_batch,
-                                      read_unpaired_files)
+from artifex_dpo.data.unpaired import (UnpairedCounts, UnpairedExample, make_packed_unpaired_batch,
+                                      make_planned_unpaired_batch, make_unpaired_batch, plan_unpaired_packing,
+                                      read_unpaired_files, row_kl_partners)
 
 
 class UnpairedDataset:
@@ -155,6 +156,19 @@ def eval_kl_partners(num_examples: int, global_batch_size: int) -> np.ndarray:
   return partners
 
 
+def _planned_token_counts(dataset: UnpairedDataset, partners: np.ndarray, max_length: int | None,
+                          share_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Per example under ``data.packing``: tokens of its completion + KL row as the padded layout counts them
+  (a shared prompt twice), and the tokens its slot takes in a packed row."""
+  p = np.asarray([len(e.prompt_ids) for e in dataset.examples], np.int64)
+  c = np.asarray([len(e.completion_ids) for e in dataset.examples], np.int64)
+  kl = p + c[partners]
+  if max_length is not None:
+    kl = np.minimum(kl, max_length)
+  padded = p + c + kl
+  return padded, (padded - p + np.minimum(p, 1)) if share_prompt else padded
+
+
 def _with_reference(local: dict[str, Any], completions: np.ndarray, kl: np.ndarray | None, sl: slice,
                     rows: int) -> None:
   """Adds the (filled-up) precomputed sums of the local rows: ``completion_ref_logps`` / ``kl_ref_logps``."""
@@ -198,12 +212,13 @@ class UnpairedLoader:
                process_index: int, process_count: int, pad_multiple: int | None, max_length: int | None,
                with_kl: bool, start_step: int = 0, num_steps: int | None = None, pack_batches: bool = False,
                row_length: int | None = None, max_pairs_per_row: int | None = None, share_prompt: bool = False,
-               row_multiple: int = 1, reference: UnpairedReference | None = None):
+               row_multiple: int = 1, reference: UnpairedReference | None = None, packing: bool = False):
     self.dataset, self.global_batch_size, self.seed, self.shuffle = dataset, global_batch_size, seed, shuffle
     self.reference = reference
-    if reference is not None and with_kl and (reference.kl is None or reference.kl.ndim != 2
-                                              or reference.kl.shape[1] != global_batch_size):
-      raise ValueError("UnpairedLoader: reference.kl must be [steps, global_batch_size] (by step and position)")
+    want = (len(dataset),) if packing else (None, global_batch_size)
+    if reference is not None and with_kl and (reference.kl is None or reference.kl.ndim != len(want)
+                                              or reference.kl.shape[-1] != want[-1]):
+      raise ValueError(f"UnpairedLoader: reference.kl must be {'[N] (by example)' if packing else '[steps, global_batch_size] (by step and position)'}")
     self._slice = process_slice(global_batch_size, process_index, process_count)
     self.pad_multiple, self.max_length, self.with_kl = pad_multiple, max_length, with_kl
     self.step, self.end = start_step, None if num_steps is None else num_steps
@@ -217,8 +232,22 @@ class UnpairedLoader:
     self.max_pairs_per_row = int(max_pairs_per_row) if max_pairs_per_row else default_max_pairs_per_row(
         self.row_length)
     self.row_multiple = max(1, int(row_multiple)) * process_count
+    self.packing = bool(packing)
+    if self.packing:  # data.packing: rows planned once; global_batch_size counts rows; KL rows rotate in a row
+      if not with_kl:
+        raise ValueError("packing packs each example with its KL row: it needs loss 'kto'")
+      if not row_length:
+        self.row_length = 4 * (max_length or longest)
+      if not max_pairs_per_row:
+        self.max_pairs_per_row = default_max_pairs_per_row(self.row_length)
+      self.plan = plan_unpaired_packing(dataset.examples, self.row_length, self.max_pairs_per_row, self.share_prompt)
+      self.kl_partners = row_kl_partners(self.plan)
+      self._counts = _planned_token_counts(dataset, self.kl_partners, max_length, self.share_prompt)
+      self.pack_batches = False
 
   def load(self, step: int) -> dict[str, Any]:
+    if self.packing:
+      return self._load_planned(step)
     g, _ = train_kl_partners(step, self.global_batch_size, len(self.dataset), self.seed, self.shuffle)
     reference = None
     if self.reference is not None:
@@ -247,6 +276,23 @@ class UnpairedLoader:
                  global_computed_tokens=int((batch["segment_ids"] > 0).sum()), global_num_pairs=len(g))
     if reference is not None:  # slot (r, k) holds batch position idx: its completion's and its KL row's sums
       sums = np.stack(reference, axis=-1)[np.maximum(idx, 0)]
+      local["ref_logps"] = np.where(idx[..., None] >= 0, sums, 0.0).astype(np.float32)
+    return local
+
+  def _load_planned(self, step: int) -> dict[str, Any]:
+    g = global_batch_indices(step, self.global_batch_size, self.plan.num_rows, self.seed, self.shuffle)
+    mine = g[self._slice]
+    batch = make_planned_unpaired_batch(self.dataset.examples, self.plan, mine, pad_id=self.dataset.pad_id,
+                                        max_length=self.max_length, share_prompt=self.share_prompt)
+    local = {k: batch[k] for k in ("tokens", "segment_ids", "response_mask", "pair_mask", "labels", "positions",
+                                   "prefix_ids", "pair_indices") if k in batch}
+    examples = np.concatenate([self.plan.row(int(r)) for r in g])
+    padded, computed = self._counts
+    local.update(global_num_tokens=int(padded[examples].sum()), global_computed_tokens=int(computed[examples].sum()),
+                 global_num_pairs=len(examples))
+    if self.reference is not None:  # KL sums by example: the partners are fixed by the plan
+      idx, kl = batch["pair_indices"], self.reference.kl
+      sums = np.stack([self.reference.completions[np.maximum(idx, 0)], kl[np.maximum(idx, 0)]], axis=-1)
       local["ref_logps"] = np.where(idx[..., None] >= 0, sums, 0.0).astype(np.float32)
     return local
 
