@@ -96,7 +96,8 @@ def keys() -> tuple[Key, ...]:
           "data.pack_length as possible (the same pairs per step as padded batches; ignored with data.packing)"),
       Key("data.share_prompt", False, "packed rows (data.packing or data.pack_batches) run each pair's prompt "
           "once, shared by chosen and rejected (same losses; fewer tokens to compute)"),
-      Key("data.pack_length", 0, "tokens per packed row; 0: 2 * data.max_length", bounds=">= 0"),
+      Key("data.pack_length", 0, "tokens per packed row; 0: 2 * data.max_length (4 * with KTO and data.packing)",
+          bounds=">= 0"),
       Key("data.max_pairs_per_row", 0, "most pairs in one packed row; 0: pack_length // 32", bounds=">= 0"),
       Key("data.shuffle", True, "shuffle the global order each epoch (a function of data.seed and the epoch)"),
       Key("data.seed", 0, "seed of the data order"),
