@@ -98,7 +98,8 @@ def keys() -> tuple[Key, ...]:
       Key("data.share_prompt", None, "packed rows (data.packing or data.pack_batches) run each pair's prompt "
           "once, shared by chosen and rejected (same losses; fewer tokens to compute); unset: True with "
           "data.pack_batches, else False", value_type=bool),
-      Key("data.pack_length", 0, "tokens per packed row; 0: 2 * data.max_length", bounds=">= 0"),
+      Key("data.pack_length", 0, "tokens per packed row; 0: 2 * data.max_length (4 * with KTO and data.packing)",
+          bounds=">= 0"),
       Key("data.max_pairs_per_row", 0, "most pairs in one packed row; 0: pack_length // 32", bounds=">= 0"),
       Key("data.shuffle", True, "shuffle the global order each epoch (a function of data.seed and the epoch)"),
       Key("data.seed", 0, "seed of the data order"),
@@ -298,14 +299,16 @@ def validate(c: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
   except ValueError as e:
     m = re.search(r"DPOConfig\.(\w+)", str(e))
     raise ConfigError(f"dpo.{m.group(1)}" if m and m.group(1) in c.dpo else "dpo", str(e)) from None
-  if dpo_cfg.unpaired:  # KTO in the service: padded batches, live reference (what is not there yet is refused)
-    if c.dpo.precompute_ref_logps:
-      raise ConfigError("dpo.precompute_ref_logps", "cannot be used with KTO here: its KL rows pair each prompt with "
-                                                    "another completion of the same batch, so they change with the "
-                                                    "batch order and cannot be scored once per example")
-    if c.data.packing:  # rows packed once for the whole dataset cannot hold KL rows that change with the batch
-      raise ConfigError("data.packing", f"is not supported with the unpaired loss {c.dpo.loss_type!r}: its KL rows "
-                                        "change with the batch; use data.pack_batches=True (KTO)")
+  if dpo_cfg.unpaired:  # KTO in the service (what is not there yet is refused)
+    if c.data.packing and "kto" not in dpo_cfg.loss_types:
+      raise ConfigError("data.packing", f"packs each example with its KL row: only with dpo.loss_type=kto, "
+                                        f"not {c.dpo.loss_type!r}")
+    if c.data.packing and c.data.pack_length and c.data.pack_length < 4 * c.data.max_length:
+      raise ConfigError("data.pack_length", f"{c.data.pack_length} cannot hold two KTO examples with their KL rows "
+                                            f"(a row holds at least two): use >= {4 * c.data.max_length} or 0")
+    if c.data.packing and c.data.max_pairs_per_row and c.data.max_pairs_per_row < 3:
+      raise ConfigError("data.max_pairs_per_row", f"must be >= 3 (or 0) with KTO and data.packing (rows hold "
+                                                   f"groups of 2 or 3 examples), got {c.data.max_pairs_per_row}")
     if c.data.pack_batches and "kto" not in dpo_cfg.loss_types:
       raise ConfigError("data.pack_batches", f"packs each example with its KL row: only with dpo.loss_type=kto, "
                                              f"not {c.dpo.loss_type!r}")

@@ -117,3 +117,153 @@ def load_or_compute(workdir: str, name: str, spec, ref_state, dataset: Preferenc
     storage.write_bytes(path, buf.getvalue())  # complete or invisible (local or gs://)
   logging.info("reference log-probs: computed for %d pairs (%s)", len(dataset), path)
   return table
+
+
+# ------------------------------------------------------------------------------------------
+# KTO (unpaired): completions once per example, KL rows for the batch order the run uses
+# ------------------------------------------------------------------------------------------
+
+
+def compute_sequence_sums(spec: state_lib.StateSpec, ref_state: nnx.State, rows, *, batch_size: int,
+                          pad_multiple: int, max_length: int, chunk_size: int, pad_id: int = 0) -> np.ndarray:
+  """float32 ``[M]``: the reference's summed completion log-probs of ``(prompt_ids, completion_ids)`` rows.
+
+  Each row is laid out as KTO's padded rows (prompt + completion cut to ``max_length``, the
+  completion scored), ``batch_size`` rows a batch; every process runs the same batches (each
+  loads its slice) and receives the whole result.
+
+  Args:
+    spec: The run's state spec (mesh, reference graph and shardings).
+    ref_state: The reference weights (with LoRA: the policy's state, scored with the adapters off).
+    rows: ``(prompt_ids, completion_ids)`` pairs.
+    batch_size: Rows per batch (``train.eval_batch_size``).
+    pad_multiple: ``data.pad_multiple``.
+    max_length: ``data.max_length``: rows are cut to it, as KTO's padded rows.
+    chunk_size: ``dpo.logits_chunk_size``.
+    pad_id: The padding id.
+  """
+  from artifex_dpo.data.order import process_slice
+  from artifex_dpo.data.unpaired import UnpairedExample, make_unpaired_batch
+
+  mesh = spec.mesh
+  sums = np.zeros(len(rows), np.float32)
+  chunk_size *= sharding.batch_parallelism(mesh)  # tokens per device (see state.per_device_chunks)
+  ref_shardings = spec.shardings if spec.reference_is_base else spec.ref_shardings
+  sl = process_slice(batch_size, jax.process_index(), jax.process_count())
+
+  def score(ref_state, batch):
+    if spec.reference_is_base:
+      ref = nnx.merge(spec.graphdef, ref_state)[0].base_view()
+    else:
+      ref = nnx.merge(spec.ref_graphdef, ref_state)
+    r = batch.completions
+    logps, _ = token_log_probs(ref, r.sequences, r.segment_ids, r.positions, chunk_size)
+    return losses.sequence_stats(logps, r.response_mask).logp_sum
+
+  compiled: dict[Any, Any] = {}
+  for start in range(0, len(rows), batch_size):
+    part = [UnpairedExample(np.asarray(p, np.int32), np.asarray(c, np.int32), False)
+            for p, c in rows[start:start + batch_size]]
+    arrays = make_unpaired_batch(part, pad_id=pad_id, with_kl=False, pad_multiple=pad_multiple, max_length=max_length,
+                                 num_rows=batch_size)
+    local = {k: v[sl] for k, v in arrays.items()}
+    batch = state_lib.global_batch(local, mesh, with_pair_mask=True)
+    key = batch.completions.sequences.shape
+    if key not in compiled:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      compiled[key] = memory.compile_now(
+          jax.jit(score, in_shardings=(ref_shardings, state_lib.batch_shardings(batch)), out_shardings=replicated),
+          ref_state, batch)
+    with mesh:
+      out = np.asarray(jax.device_get(compiled[key](ref_state, batch)))
+    sums[start:start + len(part)] = out[:len(part)]
+  return sums
+
+
+def load_or_compute_unpaired(workdir: str, name: str, spec, ref_state, dataset, *, with_kl: bool,
+                             kl_order: dict[str, Any], batch_size: int, pad_multiple: int, max_length: int,
+                             chunk_size: int):
+  """KTO's precomputed reference sums (:class:`~artifex_dpo.data.unpaired_loader.UnpairedReference`), cached.
+
+  The completions are scored once per example. A KL row pairs an example's prompt with the
+  completion of the example before it in its batch, so its score depends on the batch order:
+
+  * training (``kl_order = {"steps": S, "global_batch_size": B, "seed": ..., "shuffle": ...}``): the
+    KL rows of steps ``0 .. S-1`` in the run's order (:func:`train_kl_partners`), ``[S, B]``; the
+    distinct (example, partner) pairs are scored once. A later run with more steps extends the
+    cached table (only the new steps are scored).
+  * eval (``kl_order = {"eval_batch_size": B}``): each example's KL row in the eval batches, ``[N]``.
+  * ``data.packing`` (``kl_order = {"partners": [N] example indices}``): the KL rows the packing plan fixes
+    (:func:`~artifex_dpo.data.unpaired.row_kl_partners`), ``[N]``; keyed by the partners themselves.
+
+  The cache file is keyed by the data, the reference weights, the chunk size and the order's
+  settings (seed, shuffle, batch size), never by the step count.
+
+  Args:
+    workdir: The run's workdir (the cache is ``ref_logps/<name>-kto-<key>.npz``).
+    name: ``train`` or ``eval``.
+    spec: The run's state spec.
+    ref_state: The reference weights (LoRA: the policy's state).
+    dataset: The :class:`~artifex_dpo.data.unpaired_loader.UnpairedDataset`.
+    with_kl: Whether the loss reads KL rows (``kto``; not ``apo_zero_unpaired``).
+    kl_order: The order the KL rows are paired in (above).
+    batch_size: Rows per scoring batch.
+    pad_multiple: ``data.pad_multiple``.
+    max_length: ``data.max_length``.
+    chunk_size: ``dpo.logits_chunk_size``.
+
+  Returns:
+    The :class:`~artifex_dpo.data.unpaired_loader.UnpairedReference`.
+  """
+  from artifex_dpo.data.unpaired_loader import UnpairedReference, eval_kl_partners, train_kl_partners
+
+  weights = frozen(ref_state) if spec.reference_is_base else ref_state  # LoRA: the base only
+  if "partners" in kl_order:  # data.packing: each example's KL partner is fixed by the packing plan
+    fixed = np.asarray(kl_order["partners"], np.int64)
+    kl_order = {"partners": hashlib.sha256(fixed.tobytes()).hexdigest()[:20]}
+  order = sorted((k, v) for k, v in kl_order.items() if k != "steps") if with_kl else "no-kl"
+  h = hashlib.sha256(f"kto:{dataset.fingerprint()}:{weights_fingerprint(weights)}:{chunk_size}:{max_length}:"
+                     f"{order}".encode())
+  path = storage.join(workdir, "ref_logps", f"{name}-kto-{h.hexdigest()[:20]}.npz")
+  kw = dict(batch_size=batch_size, pad_multiple=pad_multiple, max_length=max_length, chunk_size=chunk_size,
+            pad_id=dataset.pad_id)
+  examples, n = dataset.examples, len(dataset)
+  completions, kl = None, None
+  if storage.isfile(path):
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+      if z["completions"].shape == (n,):
+        completions = z["completions"]
+        kl = z["kl"] if with_kl else None
+  steps = kl_order.get("steps")
+  have = 0 if kl is None else len(kl)
+  if completions is not None and (not with_kl or (steps is None and have == n) or (steps is not None
+                                                                                    and have >= steps)):
+    logging.info("reference log-probs: using the cache %s", path)
+    return UnpairedReference(completions, kl)
+  fresh = completions is None
+  if fresh:
+    completions = compute_sequence_sums(spec, ref_state, [(e.prompt_ids, e.completion_ids) for e in examples], **kw)
+    have, kl = 0, None
+  if with_kl:
+    if steps is None:  # eval (or data.packing): one KL row per example
+      partners = fixed if "partners" in kl_order else eval_kl_partners(n, kl_order["eval_batch_size"])
+      kl = compute_sequence_sums(spec, ref_state, [(examples[i].prompt_ids, examples[j].completion_ids)
+                                                   for i, j in enumerate(partners)], **kw)
+    else:  # training: the steps not cached yet, each distinct (example, partner) pair once
+      b = kl_order["global_batch_size"]
+      pairs = np.stack([np.stack(train_kl_partners(s, b, n, kl_order["seed"], kl_order["shuffle"]), axis=-1)
+                        for s in range(have, steps)]).reshape(-1, 2)
+      unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+      sums = compute_sequence_sums(spec, ref_state, [(examples[i].prompt_ids, examples[j].completion_ids)
+                                                     for i, j in unique], **kw)
+      new = sums[inverse.reshape(-1)].reshape(steps - have, b)
+      kl = new if kl is None or have == 0 else np.concatenate([kl[:have], new])
+  if jax.process_index() == 0:
+    buf = io.BytesIO()
+    np.savez(buf, completions=completions, **({"kl": kl} if with_kl else {}))
+    storage.write_bytes(path, buf.getvalue())  # complete or invisible (local or gs://)
+  what = "no KL rows" if not with_kl else (f"the KL rows of {n} examples" if steps is None else
+                                           f"the KL rows of steps {have + 1}..{steps}")
+  logging.info("reference log-probs: %d examples' completions%s, %s (%s)", n,
+               "" if fresh else " (cached)", what, path)
+  return UnpairedReference(completions, kl)

@@ -159,8 +159,8 @@ class Setup:
   spec: state_lib.StateSpec
   state: Any
   ref_state: Any
-  train_ref: np.ndarray | None
-  eval_ref: np.ndarray | None
+  train_ref: Any  # np.ndarray [N, 2]; KTO: data.unpaired_loader.UnpairedReference; None: live reference
+  eval_ref: Any
   counters: dict[str, int]
 
   def loader(self, c, start_step: int = 0, num_steps: int | None = None) -> PreferenceLoader | UnpairedLoader:
@@ -172,7 +172,8 @@ class Setup:
                             with_kl="kto" in self.dpo_config.loss_types, start_step=start_step, num_steps=num_steps,
                             pack_batches=c.data.pack_batches, row_length=c.data.pack_length or None,
                             max_pairs_per_row=c.data.max_pairs_per_row or None, share_prompt=c.data.share_prompt,
-                            row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()))
+                            row_multiple=max(1, sharding.batch_parallelism(self.mesh) // jax.process_count()),
+                            reference=self.train_ref, packing=c.data.packing)
     return PreferenceLoader(
         self.train_ds, c.train.global_batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), pad_multiple=c.data.pad_multiple,
@@ -255,7 +256,27 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
   except ValueError as e:
     raise config_lib.ConfigError("model.ref_hf_checkpoint", str(e).splitlines()[0]) from None
   train_ref = eval_ref = None
-  if c.dpo.precompute_ref_logps and (ref_state is not None or spec.reference_is_base):
+  if c.dpo.precompute_ref_logps and dpo_cfg.unpaired and (ref_state is not None or spec.reference_is_base):
+    # KTO: completions per example, KL rows per (step, position) of the order this run uses.
+    kw = dict(with_kl="kto" in dpo_cfg.loss_types, batch_size=c.train.eval_batch_size,
+              pad_multiple=c.data.pad_multiple, max_length=c.data.max_length, chunk_size=c.dpo.logits_chunk_size)
+    scorer = state if spec.reference_is_base else ref_state
+    order = {"steps": c.train.steps, "seed": c.data.seed, "shuffle": c.data.shuffle,
+             "global_batch_size": c.train.global_batch_size}
+    if c.data.packing and kw["with_kl"]:  # the plan fixes each example's KL partner (a rotation within its row)
+      order = {"partners": UnpairedLoader(train_ds, c.train.global_batch_size, seed=c.data.seed,
+                                          shuffle=c.data.shuffle, process_index=0, process_count=1,
+                                          pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
+                                          with_kl=True, packing=True, row_length=c.data.pack_length or None,
+                                          max_pairs_per_row=c.data.max_pairs_per_row or None,
+                                          share_prompt=c.data.share_prompt).kl_partners}
+    train_ref = reference.load_or_compute_unpaired(workdir, "train", spec, scorer, train_ds, kl_order=order, **kw)
+    eval_ref = reference.load_or_compute_unpaired(workdir, "eval", spec, scorer, eval_ds, **kw,
+                                                  kl_order={"eval_batch_size": c.train.eval_batch_size}) \
+        if eval_ds else None
+    spec = dataclasses.replace(spec, ref_graphdef=None, abstract_ref=None, ref_shardings=None)
+    ref_state = None
+  elif c.dpo.precompute_ref_logps and (ref_state is not None or spec.reference_is_base):
     kw = dict(batch_size=c.train.eval_batch_size, pad_multiple=c.data.pad_multiple, max_length=c.data.max_length,
               chunk_size=c.dpo.logits_chunk_size, ld_alpha=c.dpo.ld_alpha)
     scorer = state if spec.reference_is_base else ref_state  # LoRA: the policy's base, adapters off

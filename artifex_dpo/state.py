@@ -222,9 +222,12 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
     return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, shape)
 
   if "completion_tokens" in local:  # KTO: labelled completions and their KL rows
+    # Precomputed reference sums (dpo.precompute_ref_logps) come with the local batch (unpaired_loader).
     rows = lambda p: GeneratedSequenceBatch(sequences=arr(local[f"{p}_tokens"]),
                                             response_mask=arr(local[f"{p}_response_mask"]),
-                                            segment_ids=arr(local[f"{p}_segment_ids"]))
+                                            segment_ids=arr(local[f"{p}_segment_ids"]),
+                                            reference_sequence_log_probs=arr(local[f"{p}_ref_logps"])
+                                            if f"{p}_ref_logps" in local else None)
     return UnpairedBatch(completions=rows("completion"), labels=arr(local["labels"]),
                          kl=rows("kl") if "kl_tokens" in local else None,
                          example_mask=arr(local["example_mask"]) if with_pair_mask else None)
@@ -232,7 +235,8 @@ def global_batch(local: dict[str, Any], mesh: Mesh, *, with_pair_mask: bool,
     optional = {k: arr(local[k]) for k in ("positions", "prefix_ids") if k in local}
     rows = PackedPreferenceBatch(sequences=arr(local["tokens"]), segment_ids=arr(local["segment_ids"]),
                                  response_mask=arr(local["response_mask"]), pair_mask=arr(local["pair_mask"]),
-                                 **optional)
+                                 reference_sequence_log_probs=arr(local["ref_logps"]) if "ref_logps" in local
+                                 else None, **optional)
     return PackedUnpairedBatch(rows=rows, labels=arr(local["labels"]))
   ref = None if reference_table is None else _lookup(reference_table, np.asarray(local["pair_indices"]))
   if "tokens" in local:

@@ -263,7 +263,8 @@ def evaluate(loop: Loop, writer: metrics_lib.MetricsWriter) -> None:
   sums: dict[str, float] = {}
   if dpo_cfg.unpaired:  # KTO: each batch's means, weighted by its share of the examples
     batches = unpaired_eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),
-                                    c.data.pad_multiple, c.data.max_length, "kto" in dpo_cfg.loss_types)
+                                    c.data.pad_multiple, c.data.max_length, "kto" in dpo_cfg.loss_types,
+                                    reference=setup.eval_ref)
     normalizers = losses.Normalizers(*(np.float32(1.0),) * 3)  # not read by the unpaired losses
   else:
     batches = eval_batches(eval_ds, c.train.eval_batch_size, jax.process_index(), jax.process_count(),

@@ -237,7 +237,12 @@ def _packed_unpaired_loss(model, reference_model, batch: PackedUnpairedBatch, se
                                       packed.prefix_ids)
   logps, logit_means = forward(model)
   completion, kl_row = _packed_stats(logps, logit_means, packed)
-  ref_completion, ref_kl = _packed_stats(forward(reference_model)[0], None, packed)
+  if packed.reference_sequence_log_probs is not None:  # precomputed: [R, K, 2] (completion, KL row) sums
+    ref = packed.reference_sequence_log_probs.astype(jnp.float32).reshape(-1, 2)
+    ref_completion, ref_kl = (losses.SequenceStats(ref[:, i], s.num_tokens, jnp.zeros_like(ref[:, i]))
+                              for i, s in ((0, completion), (1, kl_row)))
+  else:
+    ref_completion, ref_kl = _packed_stats(forward(reference_model)[0], None, packed)
   ref_completion, ref_kl = jax.tree.map(jax.lax.stop_gradient, (ref_completion, ref_kl))  # never differentiated
   loss, metrics = losses.unpaired_loss(settings, completion.logp_sum, ref_completion.logp_sum,
                                        batch.labels.reshape(-1), jax.lax.stop_gradient(kl_row.logp_sum),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from artifex_dpo import DPOConfig
-from artifex_dpo.data import TruncationSettings, load_tokenizer
+from artifex_dpo.data import DataError, TruncationSettings, load_tokenizer
 from artifex_dpo.data.synthetic import synthetic_records
 from artifex_dpo.data.unpaired import make_packed_unpaired_batch, make_unpaired_batch, read_unpaired
 from artifex_dpo.models import LlamaModel, get_preset
@@ -127,11 +127,96 @@ def test_service_pack_batches_on_two_processes_gives_the_padded_per_step_losses(
   np.testing.assert_allclose(eval_two[-1]["eval/loss"], eval_one[-1]["eval/loss"], rtol=1e-5)
 
 
-def test_service_refuses_whole_dataset_packing_and_packing_without_kl_rows(tmp_path):
+def test_service_refuses_packing_without_kl_rows_and_rows_too_short_for_two_examples(tmp_path):
   from service_runs import error_line, run_main
 
-  proc = run_main(tmp_path / "a", *SERVICE, "--config.data.packing=True")
-  assert proc.returncode == 2 and "data.packing" in error_line(proc) and "KL rows" in error_line(proc)
-  proc = run_main(tmp_path / "b", *SERVICE, "--config.dpo.loss_type=apo_zero_unpaired",
-                  "--config.data.pack_batches=True")
-  assert proc.returncode == 2 and "data.pack_batches" in error_line(proc)
+  for key in ("data.packing", "data.pack_batches"):
+    proc = run_main(tmp_path / key, *SERVICE, "--config.dpo.loss_type=apo_zero_unpaired", f"--config.{key}=True")
+    assert proc.returncode == 2 and key in error_line(proc) and "KL row" in error_line(proc)
+  proc = run_main(tmp_path / "short", *SERVICE, "--config.data.packing=True", "--config.data.pack_length=200")
+  assert proc.returncode == 2 and "data.pack_length" in error_line(proc) and ">= 256" in error_line(proc)
+  proc = run_main(tmp_path / "cap", *SERVICE, "--config.data.packing=True", "--config.data.max_pairs_per_row=2")
+  assert proc.returncode == 2 and "data.max_pairs_per_row" in error_line(proc)
+
+
+# --- data.packing: rows planned once for the dataset, each example's KL row rotating within its row -------------
+
+
+def _planned(n_records, seed, share_prompt, max_pairs_per_row=5):
+  from artifex_dpo.data.unpaired import plan_unpaired_packing
+
+  examples = _examples(n_records, seed)
+  return examples, plan_unpaired_packing(examples, 6 * MAX_LEN, max_pairs_per_row, share_prompt)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_plan_puts_every_example_once_with_a_partner_of_its_own_row(share_prompt):
+  from artifex_dpo.data.unpaired import make_planned_unpaired_batch, row_kl_partners
+
+  examples, plan = _planned(7, 4, share_prompt)  # 14 examples; odd groups come from 15
+  assert sorted(plan.pair_indices) == list(range(len(examples)))
+  assert plan.row_sizes.min() >= 2 and plan.row_sizes.max() <= 5
+  assert plan.row_sizes.max() > 2  # rows really pack more than one group
+  partners = row_kl_partners(plan)
+  rows = list(range(plan.num_rows)) + [-1]
+  b = make_planned_unpaired_batch(examples, plan, rows, pad_id=TOK.pad_id, max_length=MAX_LEN,
+                                  share_prompt=share_prompt)
+  for r in range(plan.num_rows):
+    members = list(plan.row(r))
+    assert sorted(partners[members]) == sorted(members) and all(partners[i] != i for i in members)
+    assert list(b["pair_indices"][r][b["pair_mask"][r] == 1]) == members
+  assert not b["pair_mask"][-1].any() and (b["pair_indices"][-1] == -1).all()
+  # The unshared rows' KL sequences are the prompt followed by the partner's completion, cut to max_length.
+  if not share_prompt:
+    for r, k in zip(*np.nonzero(b["pair_mask"])):
+      i, j = int(b["pair_indices"][r, k]), int(b["kl_partners"][r, k])
+      assert j == partners[i] and b["labels"][r, k] == int(examples[i].label)
+      seg = b["segment_ids"][r]
+      assert list(b["tokens"][r][seg == 2 * k + 1]) == list(examples[i].prompt_ids) + list(examples[i].completion_ids)
+      kl = list(examples[i].prompt_ids) + list(examples[j].completion_ids)
+      assert list(b["tokens"][r][seg == 2 * k + 2]) == kl[:MAX_LEN]
+  odd = _planned(7, 4, share_prompt)[0][:13]  # an odd count: the three shortest share a group
+  from artifex_dpo.data.unpaired import plan_unpaired_packing
+  assert plan_unpaired_packing(odd, 6 * MAX_LEN, 5, share_prompt).row_sizes.min() >= 2
+  with pytest.raises(DataError, match="data.pack_length: 120 cannot hold examples"):
+    plan_unpaired_packing(odd, 3 * MAX_LEN, 5, share_prompt)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_planned_packed_kto_equals_the_padded_layout_of_the_same_kl_rows(share_prompt):
+  """The oracle: the padded layout (checked against TRL's loss in test_loss_family) fed the same examples with the
+  same KL rows (prompt i + the completion of i's partner in its row)."""
+  from artifex_dpo.data.unpaired import _pad_rows, make_planned_unpaired_batch
+
+  examples, plan = _planned(6, 5, share_prompt)
+  rows = [0, plan.num_rows - 1, -1]
+  arrays = make_planned_unpaired_batch(examples, plan, rows, pad_id=TOK.pad_id, max_length=MAX_LEN,
+                                       share_prompt=share_prompt)
+  packed = PackedUnpairedBatch.from_arrays(arrays)
+  real = arrays["pair_mask"] == 1
+  idx, partners = arrays["pair_indices"][real], arrays["kl_partners"][real]
+  assert len(idx) > len(rows)  # several examples per row
+  padded = {f"completion_{k}": v for k, v in _pad_rows([(examples[i].prompt_ids, examples[i].completion_ids)
+                                                        for i in idx], MAX_LEN, TOK.pad_id).items()}
+  padded.update({f"kl_{k}": v for k, v in _pad_rows([(examples[i].prompt_ids, examples[j].completion_ids)
+                                                     for i, j in zip(idx, partners)], MAX_LEN, TOK.pad_id).items()})
+  padded["labels"] = np.asarray([examples[i].label for i in idx], np.int32)
+  padded = UnpairedBatch.from_arrays(padded)
+  cfg = get_preset("llama-tiny", vocab_size=TOK.vocab_size)
+  policy, ref = LlamaModel(cfg, rngs=nnx.Rngs(2)), LlamaModel(cfg, rngs=nnx.Rngs(3))
+  graph, ref_graph = nnx.graphdef(policy), nnx.graphdef(ref)
+  s = DPOConfig(loss_type="kto", beta=0.5, undesirable_weight=1.3).loss_settings()
+
+  def loss_of(batch):
+    def f(p, r):
+      return dpo_loss(nnx.merge(graph, p), nnx.merge(ref_graph, r), batch, s)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(nnx.state(policy), nnx.state(ref))
+
+  (want, wm), wg = loss_of(padded)
+  (got, gm), gg = loss_of(packed)
+  assert float(wm["kl"]) > 0  # the KL point is live: a wrong KL row would move the loss
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for key in wm:
+    if key != "tokens":
+      np.testing.assert_allclose(float(gm[key]), float(wm[key]), rtol=2e-5, atol=2e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), gg, wg)

@@ -335,3 +335,127 @@ def read_unpaired_files(files: str | Sequence[str], tokenizer: Tokenizer, settin
     raise DataError(",".join(paths), None, f"no usable examples ({counts.invalid} invalid, {dropped} dropped by "
                                            "truncation)")
   return examples, dropped
+
+
+# ------------------------------------------------------------------------------------------
+# data.packing: rows planned once for the whole dataset, the KL rows rotating within each row
+# ------------------------------------------------------------------------------------------
+
+
+def _example_tokens(examples: Sequence[UnpairedExample], share_prompt: bool) -> np.ndarray:
+  """int64 ``[N]``: what example i costs in a packed row with a KL row of its own completion's length.
+
+  Under a rotation within a row the row's total is the sum of these whatever the order (each
+  completion appears once as a completion and once as a KL completion); cuts to ``max_length``
+  only shorten it.
+  """
+  p = np.asarray([len(e.prompt_ids) for e in examples], np.int64)
+  c = np.asarray([len(e.completion_ids) for e in examples], np.int64)
+  return p + 2 * c + (np.minimum(p, 1) if share_prompt else p)
+
+
+def plan_unpaired_packing(examples: Sequence[UnpairedExample], row_length: int, max_pairs_per_row: int,
+                          share_prompt: bool = False):
+  """``data.packing`` for KTO: whole examples (each with its KL row) planned into rows once, >= 2 per row.
+
+  Example i's KL row pairs its prompt with the completion of the example before it in its row
+  (the first takes the last): a rotation within the row, so each row's KL completions are the
+  row's own completions, each with another prompt (:func:`row_kl_partners`). To guarantee that
+  every row holds at least two examples, the examples are taken by decreasing length in groups
+  of two (the last three together when their number is odd) and the groups are packed first-fit
+  decreasing (:func:`artifex_dpo.data.packing.plan_packing`).
+
+  Args:
+    examples: The dataset's examples.
+    row_length: ``data.pack_length``: must hold every group (4 x ``data.max_length`` holds any two
+      examples; with an odd number of examples the three shortest must fit together too).
+    max_pairs_per_row: ``data.max_pairs_per_row``: examples per row (>= 3).
+    share_prompt: The shared-prompt layout (each prompt once for its completion and KL row).
+
+  Returns:
+    A :class:`~artifex_dpo.data.packing.PackingPlan` over the examples (``pair_indices`` are example indices).
+
+  Raises:
+    DataError: A group does not fit in a row, fewer than 2 examples, or ``max_pairs_per_row`` < 3.
+  """
+  from artifex_dpo.data.packing import PackingPlan, plan_packing
+
+  n = len(examples)
+  if n < 2:
+    raise DataError("data.packing", None, f"KTO rows need at least 2 examples (their KL rows pair them); got {n}")
+  if max_pairs_per_row < 3:
+    raise DataError("data.max_pairs_per_row", None, f"must be >= 3 with KTO and data.packing (rows hold groups of "
+                                                    f"2 or 3 examples), got {max_pairs_per_row}")
+  tokens = _example_tokens(examples, share_prompt)
+  order = np.lexsort((np.arange(n), -tokens))
+  groups = [order[i:i + 2] for i in range(0, n - n % 2, 2)]
+  if n % 2:
+    groups[-1] = order[-3:]
+  totals = np.asarray([tokens[g].sum() for g in groups], np.int64)
+  if totals.max() > row_length:
+    i = int(np.argmax(totals))
+    raise DataError("data.pack_length", None, f"{row_length} cannot hold examples {sorted(groups[i].tolist())} with "
+                                              f"their KL rows ({int(totals[i])} tokens): KTO rows hold at least 2 "
+                                              "examples (the three shortest when their number is odd); use a larger "
+                                              "data.pack_length")
+  plan = plan_packing(np.stack([totals, np.zeros_like(totals)], axis=1), row_length, (max_pairs_per_row - 1) // 2)
+  rows = [np.concatenate([groups[int(k)] for k in plan.row(r)]) for r in range(plan.num_rows)]
+  sizes = np.asarray([len(r) for r in rows], np.int64)
+  ro = lambda a: (a.setflags(write=False), a)[1]
+  return PackingPlan(row_offsets=ro(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)),
+                     pair_indices=ro(np.concatenate(rows).astype(np.int64)), row_tokens=plan.row_tokens,
+                     row_length=plan.row_length, max_pairs_per_row=int(max_pairs_per_row), fill=plan.fill)
+
+
+def row_kl_partners(plan) -> np.ndarray:
+  """int64 ``[N]``: the example whose completion example i's KL row holds under ``plan`` (the one before
+  it in its row; the row's first takes its last)."""
+  partners = np.full(plan.num_pairs, -1, np.int64)
+  for r in range(plan.num_rows):
+    members = plan.row(r)
+    partners[members] = np.roll(members, 1)
+  return partners
+
+
+def make_planned_unpaired_batch(examples: Sequence[UnpairedExample], plan, row_ids, *, pad_id: int,
+                                max_length: int | None, share_prompt: bool = False) -> dict[str, Any]:
+  """The packed rows ``row_ids`` of a :func:`plan_unpaired_packing` plan (-1: an empty row).
+
+  Each slot holds one example as one packed pair (as :func:`make_packed_unpaired_batch`): its
+  completion on the chosen side, its KL row (:func:`row_kl_partners`, cut to ``max_length``) on
+  the rejected side.
+
+  Returns:
+    ``tokens``, ``segment_ids``, ``response_mask`` (and ``positions``, ``prefix_ids`` when sharing),
+    ``pair_mask``, ``labels``, ``pair_indices`` (example indices, -1 empty) ``[R, K]``, and
+    ``kl_partners`` ``[R, K]`` (the example whose completion the slot's KL row holds, -1 empty).
+  """
+  from artifex_dpo.data.dataset import PreferenceDataset
+  from artifex_dpo.data.packing import PackingPlan, make_packed_batch
+
+  row_ids = np.asarray(row_ids, np.int64).reshape(-1)
+  members = [plan.row(int(r)) if r >= 0 else np.zeros(0, np.int64) for r in row_ids]
+  flat = np.concatenate(members).astype(np.int64) if members else np.zeros(0, np.int64)
+  partners = np.concatenate([np.roll(m, 1) for m in members]).astype(np.int64) if members else flat
+  pairs = []
+  for i, j in zip(flat, partners):
+    e = examples[int(i)]
+    kl = np.asarray(examples[int(j)].completion_ids, np.int32)
+    if max_length is not None:  # the padded KL row is prompt + completion cut to max_length
+      kl = kl[:max(max_length - len(e.prompt_ids), 0)]
+    pairs.append(TokenizedPair(np.asarray(e.prompt_ids, np.int32), np.asarray(e.completion_ids, np.int32), kl))
+  local_ds = PreferenceDataset.from_pairs(pairs, pad_id)
+  sizes = np.asarray([len(m) for m in members], np.int64)
+  real = row_ids >= 0
+  local_plan = PackingPlan(np.concatenate([[0], np.cumsum(sizes[real])]).astype(np.int64),
+                           np.arange(len(flat), dtype=np.int64), np.zeros(int(real.sum()), np.int64),
+                           plan.row_length, plan.max_pairs_per_row, plan.fill)
+  local_rows = np.where(real, np.cumsum(real) - 1, -1)
+  out = make_packed_batch(local_ds, local_plan, local_rows, share_prompt=share_prompt)
+  idx = out["pair_indices"]
+  valid = idx >= 0
+  out["pair_indices"] = np.where(valid, flat[np.maximum(idx, 0)] if len(flat) else -1, -1)
+  out["kl_partners"] = np.where(valid, partners[np.maximum(idx, 0)] if len(flat) else -1, -1)
+  labels = np.asarray([examples[int(i)].label for i in flat], np.int32)
+  out["labels"] = np.where(valid, labels[np.maximum(idx, 0)] if len(flat) else 0, 0).astype(np.int32)
+  return out
