@@ -126,6 +126,9 @@ def _take_lease(c, workdir: str, sig):
   if jax.process_index() == 0:
     lease = lease_lib.Lease(f"{workdir.rstrip('/')}/{lease_lib.LEASE_FILE}", c.train.lease_timeout_s,
                             log=logging.warning)
+    # Registered before the lease is taken: a SIGTERM right after acquire() (before the line that
+    # would register it) must still release it (release() of an untaken lease does nothing).
+    sig.on_exit_now(lease.release)
     try:
       lease.acquire()
     except lease_lib.LeaseError as e:
@@ -143,7 +146,6 @@ def _take_lease(c, workdir: str, sig):
   if error:
     _fail(error)
   if lease is not None:
-    sig.on_exit_now(lease.release)
     lease.start_renewing(lambda holder: sig.exit_now(
         EXIT_BAD_INPUT, f"error: lost the workdir lease to {holder}: stopping without saving"))
   return lease
