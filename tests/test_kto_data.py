@@ -11,7 +11,8 @@ import pytest
 
 from artifex_dpo.data import DataError, load_tokenizer
 from artifex_dpo.data.unpaired import UnpairedCounts, read_unpaired_files
-from artifex_dpo.data.unpaired_loader import UnpairedDataset, unpaired_eval_split
+from artifex_dpo.data.order import eval_split
+from artifex_dpo.data.unpaired_loader import UnpairedDataset
 
 TOK = load_tokenizer("byte")
 GOOD = {"prompt": "Q: a?\nA:", "completion": " abc", "label": True}
@@ -46,7 +47,7 @@ def test_skip_invalid_skips_and_counts_every_kind_of_bad_record(tmp_path):
   assert ds.skipped_messages[1].endswith("kto.jsonl:3: malformed JSON: Expecting property name enclosed in double "
                                         "quotes (column 2)")
   # The eval split keeps the counters with the training part (the paired rule).
-  train, held = unpaired_eval_split(ds, 0.25, seed=0)
+  train, held = eval_split(ds, 0.25, seed=0)
   assert train.num_skipped_invalid == 5 and train.skipped_messages == ds.skipped_messages
   assert held is not None and held.num_skipped_invalid == 0 and len(train) + len(held) == 4
 

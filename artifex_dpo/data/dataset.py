@@ -59,6 +59,7 @@ class PreferenceDataset:
   num_identical_pairs = 0
   num_truncated_prompts = 0
   num_truncated_responses = 0
+  UNIT = "pairs"  # what one item is called in messages
   COUNTERS = ("num_skipped_invalid", "num_dropped_truncated", "num_identical_pairs", "num_truncated_prompts",
               "num_truncated_responses")
 

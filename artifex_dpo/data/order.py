@@ -22,13 +22,14 @@ from artifex_dpo.data.errors import DataError
 def eval_split(
     dataset: PreferenceDataset, fraction: float, seed: int = 0
 ) -> tuple[PreferenceDataset, PreferenceDataset | None]:
-  """Holds out a fraction of the pairs for evaluation (``data.eval_split``).
+  """Holds out a fraction of the pairs (or KTO examples) for evaluation (``data.eval_split``).
 
   The held-out pairs are the first ``round(fraction * N)`` (at least 1) of a permutation
   seeded by ``seed``; both parts keep the original order.
 
   Args:
-    dataset: The full dataset.
+    dataset: The full dataset: a `PreferenceDataset`, or any dataset with ``subset``, ``COUNTERS``
+      and ``UNIT`` (the KTO `UnpairedDataset`).
     fraction: In [0, 1); 0 holds out nothing.
     seed: Seed of the permutation.
 
@@ -45,12 +46,12 @@ def eval_split(
   n = len(dataset)
   n_eval = max(1, int(round(fraction * n)))
   if n_eval >= n:
-    raise DataError("data.eval_split", None, f"holding out {n_eval} of {n} pairs leaves none to train on")
+    raise DataError("data.eval_split", None, f"holding out {n_eval} of {n} {dataset.UNIT} leaves none to train on")
   perm = np.random.default_rng(np.random.SeedSequence([abs(int(seed)), 0x5EED])).permutation(n)
   held = np.zeros(n, bool)
   held[perm[:n_eval]] = True
   train, evaluation = dataset.subset(np.flatnonzero(~held)), dataset.subset(np.flatnonzero(held))
-  for name in PreferenceDataset.COUNTERS:
+  for name in dataset.COUNTERS:  # the counters stay with the training part
     setattr(train, name, getattr(dataset, name))
   return train, evaluation
 

@@ -14,7 +14,7 @@ from artifex_dpo.data import cache as data_cache
 from artifex_dpo.data.dataset import PreferenceDataset
 from artifex_dpo.data.order import eval_split
 from artifex_dpo.data.synthetic import write_synthetic
-from artifex_dpo.data.unpaired_loader import UnpairedDataset, unpaired_eval_split
+from artifex_dpo.data.unpaired_loader import UnpairedDataset
 
 
 def build_datasets(c, tokenizer, workdir: str,
@@ -53,7 +53,7 @@ def build_datasets(c, tokenizer, workdir: str,
     train = UnpairedDataset.from_files(files, tokenizer, **kwargs)
     if c.data.eval_files:
       return train, UnpairedDataset.from_files(c.data.eval_files, tokenizer, **kwargs)
-    return unpaired_eval_split(train, c.data.eval_split, c.data.seed)
+    return eval_split(train, c.data.eval_split, c.data.seed)
   cache_dir = storage.join(workdir, "data_cache")
   train = data_cache.load_or_tokenize(files, tokenizer, cache_dir, **kwargs)
   evals = data_cache.load_or_tokenize(c.data.eval_files, tokenizer, cache_dir, **kwargs) if c.data.eval_files else None

@@ -52,6 +52,7 @@ class UnpairedDataset:
     self.num_identical_pairs = 0
     self.lengths = np.asarray([len(e.prompt_ids) + len(e.completion_ids) for e in self.examples], np.int64)
 
+  UNIT = "examples"  # what one item is called in messages
   COUNTERS = ("num_skipped_invalid", "num_dropped_truncated", "num_truncated_prompts", "num_truncated_responses",
               "skipped_messages")
 
@@ -95,24 +96,6 @@ class UnpairedDataset:
       h.update(np.asarray(e.prompt_ids, np.int32).tobytes() + b"|" + np.asarray(e.completion_ids, np.int32).tobytes()
                + (b"+" if e.label else b"-"))
     return h.hexdigest()[:20]
-
-
-def unpaired_eval_split(dataset: UnpairedDataset, fraction: float,
-                        seed: int = 0) -> tuple[UnpairedDataset, UnpairedDataset | None]:
-  """Holds out a fraction of the examples (the rule of ``order.eval_split``)."""
-  if fraction == 0.0:
-    return dataset, None
-  n = len(dataset)
-  n_eval = max(1, int(round(fraction * n)))
-  if n_eval >= n:
-    raise DataError("data.eval_split", None, f"holding out {n_eval} of {n} examples leaves none to train on")
-  perm = np.random.default_rng(np.random.SeedSequence([abs(int(seed)), 0x5EED])).permutation(n)
-  held = np.zeros(n, bool)
-  held[perm[:n_eval]] = True
-  train, evaluation = dataset.subset(np.flatnonzero(~held)), dataset.subset(np.flatnonzero(held))
-  for name in UnpairedDataset.COUNTERS:  # the counters stay with the training part (the paired rule)
-    setattr(train, name, getattr(dataset, name))
-  return train, evaluation
 
 
 @dataclasses.dataclass
