@@ -221,7 +221,7 @@ def build(c: ml_collections.ConfigDict, workdir: str) -> Setup:
                "(%.1f%% of responses) cut to fit data.max_length=%d (a cut response has no EOS)",
                train_ds.num_truncated_prompts, 100 * train_ds.num_truncated_prompts / n, c.data.max_prompt_length,
                train_ds.num_truncated_responses,
-               100 * train_ds.num_truncated_responses / (getattr(train_ds, "RESPONSES_PER_EXAMPLE", 2) * n),
+               100 * train_ds.num_truncated_responses / (train_ds.RESPONSES_PER_EXAMPLE * n),
                c.data.max_length)
   counters = {"data/skipped_invalid": train_ds.num_skipped_invalid,
               "data/dropped_truncated": train_ds.num_dropped_truncated,

@@ -60,6 +60,7 @@ class PreferenceDataset:
   num_truncated_prompts = 0
   num_truncated_responses = 0
   UNIT = "pairs"  # what one item is called in messages
+  RESPONSES_PER_EXAMPLE = 2  # chosen and rejected (the truncation log's denominator)
   COUNTERS = ("num_skipped_invalid", "num_dropped_truncated", "num_identical_pairs", "num_truncated_prompts",
               "num_truncated_responses")
 
